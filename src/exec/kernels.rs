@@ -1,0 +1,565 @@
+//! One kernel per op, holding its weights on the device. Weights are read once at lowering
+//! (f16/bf16 widened to f32; linear weights transposed to `[in, out]` for Burn's `linear`).
+
+use super::{ExecError, HostTensor, LowerOptions, upload};
+use crate::graph::Op;
+use crate::weights::TensorFiles;
+use burn::tensor::activation::{gelu, silu};
+use burn::tensor::module::{attention, conv2d, interpolate, layer_norm, linear};
+use burn::tensor::ops::{AttentionModuleOptions, ConvOptions, InterpolateMode, InterpolateOptions};
+use burn::tensor::{Device, Tensor};
+
+/// A device tensor of rank 1 to 4.
+#[derive(Debug, Clone)]
+pub enum Value {
+    R1(Tensor<1>),
+    R2(Tensor<2>),
+    R3(Tensor<3>),
+    R4(Tensor<4>),
+}
+
+impl Value {
+    pub fn dims(&self) -> Vec<usize> {
+        match self {
+            Value::R1(t) => t.dims().to_vec(),
+            Value::R2(t) => t.dims().to_vec(),
+            Value::R3(t) => t.dims().to_vec(),
+            Value::R4(t) => t.dims().to_vec(),
+        }
+    }
+
+    pub fn from_host(t: &HostTensor, device: &Device) -> Value {
+        let d = t.data.clone();
+        match t.shape.len() {
+            1 => Value::R1(upload(&t.shape, d, device)),
+            2 => Value::R2(upload(&t.shape, d, device)),
+            3 => Value::R3(upload(&t.shape, d, device)),
+            _ => Value::R4(upload(&t.shape, d, device)),
+        }
+    }
+
+    pub fn to_host(self) -> HostTensor {
+        let shape = self.dims();
+        let data = match self {
+            Value::R1(t) => t.into_data(),
+            Value::R2(t) => t.into_data(),
+            Value::R3(t) => t.into_data(),
+            Value::R4(t) => t.into_data(),
+        };
+        let data = data
+            .convert::<f32>()
+            .try_into_vec::<f32>()
+            .expect("f32 data after convert");
+        HostTensor { shape, data }
+    }
+
+    pub fn r1(self) -> Tensor<1> {
+        match self {
+            Value::R1(t) => t,
+            v => panic!("kernel expected a rank-1 value, got {:?}", v.dims()),
+        }
+    }
+    pub fn r2(self) -> Tensor<2> {
+        match self {
+            Value::R2(t) => t,
+            v => panic!("kernel expected a rank-2 value, got {:?}", v.dims()),
+        }
+    }
+    pub fn r3(self) -> Tensor<3> {
+        match self {
+            Value::R3(t) => t,
+            v => panic!("kernel expected a rank-3 value, got {:?}", v.dims()),
+        }
+    }
+    pub fn r4(self) -> Tensor<4> {
+        match self {
+            Value::R4(t) => t,
+            v => panic!("kernel expected a rank-4 value, got {:?}", v.dims()),
+        }
+    }
+}
+
+/// Which attention implementation a plan uses.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum AttentionImpl {
+    /// `burn::tensor::module::attention`, the backend's fused kernel.
+    #[default]
+    Fused,
+    /// Explicit `softmax(q kᵀ · scale) v` with materialised probabilities.
+    Naive,
+}
+
+/// Linear weights, transposed to `[in, out]`.
+#[derive(Debug, Clone)]
+pub struct LinearW {
+    w: Tensor<2>,
+    b: Option<Tensor<1>>,
+}
+
+impl LinearW {
+    fn load(
+        files: &TensorFiles,
+        path: &str,
+        i: usize,
+        o: usize,
+        bias: bool,
+        dev: &Device,
+    ) -> Result<Self, ExecError> {
+        let w = files.read_f32_shaped(&format!("{path}.weight"), &[o, i])?;
+        let mut t = vec![0f32; w.len()];
+        for r in 0..o {
+            for c in 0..i {
+                t[c * o + r] = w[r * i + c];
+            }
+        }
+        let b = if bias {
+            Some(upload(
+                &[o],
+                files.read_f32_shaped(&format!("{path}.bias"), &[o])?,
+                dev,
+            ))
+        } else {
+            None
+        };
+        Ok(LinearW {
+            w: upload(&[i, o], t, dev),
+            b,
+        })
+    }
+
+    fn apply<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
+        linear(x, self.w.clone(), self.b.clone())
+    }
+}
+
+/// A 2-D convolution with its weights.
+#[derive(Debug, Clone)]
+pub struct ConvW {
+    w: Tensor<4>,
+    b: Tensor<1>,
+    opts: ConvOptions<2>,
+}
+
+impl ConvW {
+    fn load(
+        files: &TensorFiles,
+        path: &str,
+        cin: usize,
+        cout: usize,
+        k: usize,
+        stride: usize,
+        pad: [usize; 4],
+        dev: &Device,
+    ) -> Result<Self, ExecError> {
+        let w = files.read_f32_shaped(&format!("{path}.weight"), &[cout, cin, k, k])?;
+        let b = files.read_f32_shaped(&format!("{path}.bias"), &[cout])?;
+        Ok(ConvW {
+            w: upload(&[cout, cin, k, k], w, dev),
+            b: upload(&[cout], b, dev),
+            opts: ConvOptions::new_with_padding(
+                [stride, stride],
+                [(pad[0], pad[1]), (pad[2], pad[3])],
+                [1, 1],
+                1,
+            ),
+        })
+    }
+
+    fn apply(&self, x: Tensor<4>) -> Tensor<4> {
+        conv2d(x, self.w.clone(), Some(self.b.clone()), self.opts.clone())
+    }
+}
+
+/// Group norm with its affine weights, shaped `[1, C, 1, 1]`.
+#[derive(Debug, Clone)]
+pub struct GroupNormW {
+    groups: usize,
+    eps: f64,
+    gamma: Tensor<4>,
+    beta: Tensor<4>,
+}
+
+impl GroupNormW {
+    fn load(
+        files: &TensorFiles,
+        path: &str,
+        groups: usize,
+        c: usize,
+        eps: f64,
+        dev: &Device,
+    ) -> Result<Self, ExecError> {
+        Ok(GroupNormW {
+            groups,
+            eps,
+            gamma: upload(
+                &[1, c, 1, 1],
+                files.read_f32_shaped(&format!("{path}.weight"), &[c])?,
+                dev,
+            ),
+            beta: upload(
+                &[1, c, 1, 1],
+                files.read_f32_shaped(&format!("{path}.bias"), &[c])?,
+                dev,
+            ),
+        })
+    }
+
+    fn apply(&self, x: Tensor<4>) -> Tensor<4> {
+        let [b, c, h, w] = x.dims();
+        let g = self.groups;
+        let x = x.reshape([b, g, c / g * h * w]);
+        let mean = x.clone().mean_dim(2);
+        let xc = x - mean;
+        let var = xc.clone().square().mean_dim(2);
+        let x = xc / (var + self.eps).sqrt();
+        x.reshape([b, c, h, w]) * self.gamma.clone() + self.beta.clone()
+    }
+}
+
+/// A lowered op.
+#[derive(Debug, Clone)]
+pub enum Kernel {
+    Input,
+    Output,
+    TimestepProj {
+        freqs: Tensor<2>,
+        flip: bool,
+        batch: usize,
+    },
+    Linear(LinearW),
+    Conv2d(ConvW),
+    GroupNorm(GroupNormW),
+    LayerNorm {
+        gamma: Tensor<1>,
+        beta: Tensor<1>,
+        eps: f64,
+    },
+    Silu,
+    Resnet {
+        norm1: GroupNormW,
+        conv1: ConvW,
+        temb: LinearW,
+        norm2: GroupNormW,
+        conv2: ConvW,
+        shortcut: Option<ConvW>,
+        scale: f64,
+    },
+    ToTokens,
+    ToImage {
+        height: usize,
+        width: usize,
+    },
+    Attention {
+        heads: usize,
+        imp: AttentionImpl,
+    },
+    FeedForward {
+        proj: LinearW,
+        out: LinearW,
+    },
+    Add {
+        scale: f64,
+    },
+    Concat {
+        axis: usize,
+    },
+    Upsample {
+        height: usize,
+        width: usize,
+    },
+    Reshape {
+        shape: Vec<usize>,
+    },
+}
+
+impl Kernel {
+    /// Builds the kernel for `op` at `path`, reading its weights.
+    pub fn lower(
+        path: &str,
+        op: &Op,
+        f: &TensorFiles,
+        dev: &Device,
+        opts: LowerOptions,
+    ) -> Result<Kernel, ExecError> {
+        let sub = |s: &str| format!("{path}.{s}");
+        Ok(match op {
+            Op::Input { .. } => Kernel::Input,
+            Op::Output { .. } => Kernel::Output,
+            Op::TimestepProj {
+                dim,
+                flip_sin_to_cos,
+                shift,
+                batch,
+            } => {
+                // diffusers get_timestep_embedding: exp(-ln(10000) · i / (half − shift)), in f32.
+                let half = dim / 2;
+                let freqs: Vec<f32> = (0..half)
+                    .map(|i| {
+                        let e = (-(10000f64.ln()) as f32 * i as f32) / (half as f64 - shift) as f32;
+                        (e as f64).exp() as f32
+                    })
+                    .collect();
+                Kernel::TimestepProj {
+                    freqs: upload(&[1, half], freqs, dev),
+                    flip: *flip_sin_to_cos,
+                    batch: *batch,
+                }
+            }
+            Op::Linear {
+                in_features,
+                out_features,
+                bias,
+            } => Kernel::Linear(LinearW::load(
+                f,
+                path,
+                *in_features,
+                *out_features,
+                *bias,
+                dev,
+            )?),
+            Op::Conv2d {
+                in_channels,
+                out_channels,
+                kernel,
+                stride,
+                padding,
+            } => Kernel::Conv2d(ConvW::load(
+                f,
+                path,
+                *in_channels,
+                *out_channels,
+                *kernel,
+                *stride,
+                *padding,
+                dev,
+            )?),
+            Op::GroupNorm {
+                groups,
+                channels,
+                eps,
+            } => Kernel::GroupNorm(GroupNormW::load(f, path, *groups, *channels, *eps, dev)?),
+            Op::LayerNorm { dim, eps } => Kernel::LayerNorm {
+                gamma: upload(&[*dim], f.read_f32_shaped(&sub("weight"), &[*dim])?, dev),
+                beta: upload(&[*dim], f.read_f32_shaped(&sub("bias"), &[*dim])?, dev),
+                eps: *eps,
+            },
+            Op::Silu => Kernel::Silu,
+            Op::Resnet {
+                in_channels: i,
+                out_channels: o,
+                temb_channels: t,
+                groups,
+                eps,
+                output_scale,
+            } => Kernel::Resnet {
+                norm1: GroupNormW::load(f, &sub("norm1"), *groups, *i, *eps, dev)?,
+                conv1: ConvW::load(f, &sub("conv1"), *i, *o, 3, 1, [1; 4], dev)?,
+                temb: LinearW::load(f, &sub("time_emb_proj"), *t, *o, true, dev)?,
+                norm2: GroupNormW::load(f, &sub("norm2"), *groups, *o, *eps, dev)?,
+                conv2: ConvW::load(f, &sub("conv2"), *o, *o, 3, 1, [1; 4], dev)?,
+                shortcut: if i != o {
+                    Some(ConvW::load(
+                        f,
+                        &sub("conv_shortcut"),
+                        *i,
+                        *o,
+                        1,
+                        1,
+                        [0; 4],
+                        dev,
+                    )?)
+                } else {
+                    None
+                },
+                scale: *output_scale,
+            },
+            Op::ToTokens => Kernel::ToTokens,
+            Op::ToImage { height, width } => Kernel::ToImage {
+                height: *height,
+                width: *width,
+            },
+            Op::Attention(a) => Kernel::Attention {
+                heads: a.heads,
+                imp: opts.attention,
+            },
+            Op::FeedForward { dim, inner } => Kernel::FeedForward {
+                proj: LinearW::load(f, &sub("net.0.proj"), *dim, 2 * inner, true, dev)?,
+                out: LinearW::load(f, &sub("net.2"), *inner, *dim, true, dev)?,
+            },
+            Op::Add { scale } => Kernel::Add { scale: *scale },
+            Op::Concat { axis } => Kernel::Concat { axis: *axis },
+            Op::Upsample { height, width } => Kernel::Upsample {
+                height: *height,
+                width: *width,
+            },
+            Op::Reshape { shape } => Kernel::Reshape {
+                shape: shape.clone(),
+            },
+        })
+    }
+
+    /// Runs the kernel. Shapes were checked when the graph was built, so a mismatch here is a
+    /// bug in rewire, not in the input.
+    pub fn run(&self, args: Vec<Value>) -> Value {
+        let mut args = args.into_iter();
+        let mut arg = |_port: usize| args.next().expect("arity checked when the graph was built");
+        match self {
+            Kernel::Input => unreachable!("inputs are placed, not run"),
+            Kernel::Output => arg(0),
+            Kernel::TimestepProj { freqs, flip, batch } => {
+                let t = arg(0).r1();
+                let n = t.dims()[0];
+                let t = t.reshape([n, 1]);
+                let t = if n == *batch {
+                    t
+                } else {
+                    t.repeat_dim(0, *batch)
+                };
+                let e = t * freqs.clone();
+                let (s, c) = (e.clone().sin(), e.cos());
+                Value::R2(if *flip {
+                    Tensor::cat(vec![c, s], 1)
+                } else {
+                    Tensor::cat(vec![s, c], 1)
+                })
+            }
+            Kernel::Linear(l) => match arg(0) {
+                Value::R2(x) => Value::R2(l.apply(x)),
+                Value::R3(x) => Value::R3(l.apply(x)),
+                v => panic!("linear on rank {}", v.dims().len()),
+            },
+            Kernel::Conv2d(c) => Value::R4(c.apply(arg(0).r4())),
+            Kernel::GroupNorm(g) => Value::R4(g.apply(arg(0).r4())),
+            Kernel::LayerNorm { gamma, beta, eps } => Value::R3(layer_norm(
+                arg(0).r3(),
+                gamma.clone(),
+                Some(beta.clone()),
+                *eps,
+            )),
+            Kernel::Silu => match arg(0) {
+                Value::R2(x) => Value::R2(silu(x)),
+                Value::R3(x) => Value::R3(silu(x)),
+                Value::R4(x) => Value::R4(silu(x)),
+                Value::R1(x) => Value::R1(silu(x)),
+            },
+            Kernel::Resnet {
+                norm1,
+                conv1,
+                temb,
+                norm2,
+                conv2,
+                shortcut,
+                scale,
+            } => {
+                let x = arg(0).r4();
+                let t = arg(1).r2();
+                let h = conv1.apply(silu(norm1.apply(x.clone())));
+                let [b, o] = [h.dims()[0], h.dims()[1]];
+                let t = temb.apply(silu(t)).reshape([b, o, 1, 1]);
+                let h = conv2.apply(silu(norm2.apply(h + t)));
+                let x = match shortcut {
+                    Some(s) => s.apply(x),
+                    None => x,
+                };
+                let y = x + h;
+                Value::R4(if *scale != 1.0 { y / *scale } else { y })
+            }
+            Kernel::ToTokens => {
+                let x = arg(0).r4();
+                let [b, c, h, w] = x.dims();
+                Value::R3(x.reshape([b, c, h * w]).swap_dims(1, 2))
+            }
+            Kernel::ToImage { height, width } => {
+                let x = arg(0).r3();
+                let [b, _, c] = x.dims();
+                Value::R4(x.swap_dims(1, 2).reshape([b, c, *height, *width]))
+            }
+            Kernel::Attention { heads, imp } => {
+                let (q, k, v) = (arg(0).r3(), arg(1).r3(), arg(2).r3());
+                Value::R3(attend(q, k, v, *heads, *imp))
+            }
+            Kernel::FeedForward { proj, out } => {
+                let x = arg(0).r3();
+                let h = proj.apply(x);
+                let mut parts = h.chunk(2, 2);
+                let gate = parts.pop().expect("two chunks");
+                let hidden = parts.pop().expect("two chunks");
+                Value::R3(out.apply(hidden * gelu(gate)))
+            }
+            Kernel::Add { scale } => {
+                let (x, y) = (arg(0), arg(1));
+                let s = *scale;
+                match (x, y) {
+                    (Value::R2(x), Value::R2(y)) => Value::R2(scaled(x + y, s)),
+                    (Value::R3(x), Value::R3(y)) => Value::R3(scaled(x + y, s)),
+                    (Value::R4(x), Value::R4(y)) => Value::R4(scaled(x + y, s)),
+                    (Value::R1(x), Value::R1(y)) => Value::R1(scaled(x + y, s)),
+                    (x, y) => panic!("add of ranks {:?} and {:?}", x.dims(), y.dims()),
+                }
+            }
+            Kernel::Concat { axis } => match (arg(0), arg(1)) {
+                (Value::R2(x), Value::R2(y)) => Value::R2(Tensor::cat(vec![x, y], *axis)),
+                (Value::R3(x), Value::R3(y)) => Value::R3(Tensor::cat(vec![x, y], *axis)),
+                (Value::R4(x), Value::R4(y)) => Value::R4(Tensor::cat(vec![x, y], *axis)),
+                (x, y) => panic!("concat of ranks {:?} and {:?}", x.dims(), y.dims()),
+            },
+            Kernel::Upsample { height, width } => Value::R4(interpolate(
+                arg(0).r4(),
+                InterpolateOptions::new(InterpolateMode::Nearest)
+                    .with_output_size([*height, *width]),
+            )),
+            Kernel::Reshape { shape } => {
+                let x = arg(0);
+                reshape(x, shape)
+            }
+        }
+    }
+}
+
+fn scaled<const D: usize>(t: Tensor<D>, s: f64) -> Tensor<D> {
+    if s == 1.0 { t } else { t * s }
+}
+
+fn reshape(x: Value, shape: &[usize]) -> Value {
+    macro_rules! to {
+        ($t:expr) => {
+            match shape.len() {
+                1 => Value::R1($t.reshape([shape[0]])),
+                2 => Value::R2($t.reshape([shape[0], shape[1]])),
+                3 => Value::R3($t.reshape([shape[0], shape[1], shape[2]])),
+                _ => Value::R4($t.reshape([shape[0], shape[1], shape[2], shape[3]])),
+            }
+        };
+    }
+    match x {
+        Value::R1(t) => to!(t),
+        Value::R2(t) => to!(t),
+        Value::R3(t) => to!(t),
+        Value::R4(t) => to!(t),
+    }
+}
+
+/// Multi-head attention on `[B, N, h·d]` tensors.
+pub fn attend(
+    q: Tensor<3>,
+    k: Tensor<3>,
+    v: Tensor<3>,
+    heads: usize,
+    imp: AttentionImpl,
+) -> Tensor<3> {
+    let split = |t: Tensor<3>| {
+        let [b, n, c] = t.dims();
+        t.reshape([b, n, heads, c / heads]).swap_dims(1, 2)
+    };
+    let [b, n, c] = q.dims();
+    let (q, k, v) = (split(q), split(k), split(v));
+    let o = match imp {
+        AttentionImpl::Fused => attention(q, k, v, None, None, AttentionModuleOptions::default()),
+        AttentionImpl::Naive => {
+            let d = c / heads;
+            let s = q.matmul(k.swap_dims(2, 3)) * (1.0 / (d as f64).sqrt());
+            burn::tensor::activation::softmax(s, 3).matmul(v)
+        }
+    };
+    o.swap_dims(1, 2).reshape([b, n, c])
+}

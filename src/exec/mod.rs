@@ -1,0 +1,249 @@
+//! Lowering a checked graph to an executable plan on a Burn device, and running it. Nodes run
+//! in topological order; each value is dropped right after its last consumer (the plan records,
+//! per step, which inputs die there), so peak memory follows the live set, not the graph.
+//! Kernels are chosen per op at lowering ([`Kernel`]), so an op's implementation can be swapped
+//! (e.g. [`AttentionImpl`]) without touching the graph.
+//!
+//! Try it: `rewire forward models/tiny-sd --inputs tests/fixtures/unet_cases/baseline.safetensors --out /tmp/out.safetensors`.
+
+mod kernels;
+
+pub use kernels::{AttentionImpl, Kernel, Value};
+
+use crate::graph::{Graph, GraphError, Op};
+use crate::weights::{TensorFiles, WeightError};
+use burn::tensor::{Device, Tensor, TensorData};
+use std::collections::HashMap;
+
+/// Errors raised while lowering or running a plan.
+#[derive(Debug, thiserror::Error)]
+pub enum ExecError {
+    #[error(transparent)]
+    Graph(#[from] GraphError),
+    #[error(transparent)]
+    Weight(#[from] WeightError),
+    #[error(
+        "missing input `{name}`: the graph needs {expected:?}\n  hint: the inputs file must hold {names}"
+    )]
+    MissingInput {
+        name: String,
+        expected: Vec<usize>,
+        names: String,
+    },
+    #[error("input `{name}` has shape {found:?}, the plan was built for {expected:?}")]
+    InputShape {
+        name: String,
+        expected: Vec<usize>,
+        found: Vec<usize>,
+    },
+}
+
+/// Options that pick kernels at lowering time.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct LowerOptions {
+    pub attention: AttentionImpl,
+}
+
+struct Step {
+    label: String,
+    kernel: Kernel,
+    inputs: Vec<usize>,
+    /// For each input: true when this step is its last reader (the value is moved, then gone).
+    last_use: Vec<bool>,
+}
+
+/// An executable plan: kernels with their weights on a device, in order.
+pub struct Plan {
+    device: Device,
+    steps: Vec<Step>,
+    /// Input name → (slot, expected shape).
+    inputs: Vec<(String, usize, Vec<usize>)>,
+    /// Output name → slot.
+    outputs: Vec<(String, usize)>,
+}
+
+impl std::fmt::Debug for Plan {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Plan({} steps on {:?})", self.steps.len(), self.device)
+    }
+}
+
+/// A host-side f32 tensor.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HostTensor {
+    pub shape: Vec<usize>,
+    pub data: Vec<f32>,
+}
+
+impl HostTensor {
+    pub fn new(shape: Vec<usize>, data: Vec<f32>) -> Self {
+        HostTensor { shape, data }
+    }
+
+    /// Largest absolute difference to another tensor of the same length (∞ if lengths differ).
+    pub fn max_abs_diff(&self, other: &HostTensor) -> f32 {
+        if self.shape != other.shape {
+            return f32::INFINITY;
+        }
+        self.data
+            .iter()
+            .zip(&other.data)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0, f32::max)
+    }
+}
+
+impl Plan {
+    /// Lowers a graph (already checked) with weights from `weights` onto `device`.
+    pub fn lower(
+        graph: &Graph,
+        weights: &TensorFiles,
+        device: &Device,
+        opts: LowerOptions,
+    ) -> Result<Plan, ExecError> {
+        let order = graph.topo()?;
+        let slot: HashMap<_, _> = order.iter().enumerate().map(|(i, &n)| (n, i)).collect();
+        // The last step reading each slot.
+        let mut last_reader = vec![usize::MAX; order.len()];
+        for (i, &n) in order.iter().enumerate() {
+            for src in graph.inputs_of(n) {
+                last_reader[slot[&src]] = i;
+            }
+        }
+        let mut steps = Vec::with_capacity(order.len());
+        let mut inputs = Vec::new();
+        let mut outputs = Vec::new();
+        for (i, &n) in order.iter().enumerate() {
+            let node = &graph.g[n];
+            let ins: Vec<usize> = graph.inputs_of(n).iter().map(|s| slot[s]).collect();
+            // A slot read twice by one step dies only at its final read in that step.
+            let mut last_use: Vec<bool> = ins.iter().map(|&s| last_reader[s] == i).collect();
+            for a in 0..ins.len() {
+                if ins[a + 1..].contains(&ins[a]) {
+                    last_use[a] = false;
+                }
+            }
+            match &node.op {
+                Op::Input { name, shape } => inputs.push((name.clone(), i, shape.clone())),
+                Op::Output { name } => outputs.push((name.clone(), i)),
+                _ => {}
+            }
+            let kernel = Kernel::lower(&node.path, &node.op, weights, device, opts)?;
+            steps.push(Step {
+                label: node.label(),
+                kernel,
+                inputs: ins,
+                last_use,
+            });
+        }
+        Ok(Plan {
+            device: device.clone(),
+            steps,
+            inputs,
+            outputs,
+        })
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// The input names and shapes the plan expects.
+    pub fn input_specs(&self) -> Vec<(&str, &[usize])> {
+        self.inputs
+            .iter()
+            .map(|(n, _, s)| (n.as_str(), s.as_slice()))
+            .collect()
+    }
+
+    /// Number of steps (nodes).
+    pub fn len(&self) -> usize {
+        self.steps.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.steps.is_empty()
+    }
+
+    /// Runs the plan on device tensors; returns the outputs by name.
+    pub fn run(
+        &self,
+        mut given: HashMap<String, Value>,
+    ) -> Result<HashMap<String, Value>, ExecError> {
+        let mut slots: Vec<Option<Value>> = Vec::with_capacity(self.steps.len());
+        slots.resize_with(self.steps.len(), || None);
+        let names = || {
+            self.inputs
+                .iter()
+                .map(|(n, _, _)| n.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        for (name, slot, shape) in &self.inputs {
+            let v = given.remove(name).ok_or_else(|| ExecError::MissingInput {
+                name: name.clone(),
+                expected: shape.clone(),
+                names: names(),
+            })?;
+            if v.dims() != *shape {
+                return Err(ExecError::InputShape {
+                    name: name.clone(),
+                    expected: shape.clone(),
+                    found: v.dims(),
+                });
+            }
+            slots[*slot] = Some(v);
+        }
+        for (i, step) in self.steps.iter().enumerate() {
+            if matches!(step.kernel, Kernel::Input) {
+                continue;
+            }
+            let args: Vec<Value> = step
+                .inputs
+                .iter()
+                .zip(&step.last_use)
+                .map(|(&s, &last)| {
+                    let v = if last {
+                        slots[s].take()
+                    } else {
+                        slots[s].clone()
+                    };
+                    v.unwrap_or_else(|| panic!("plan bug: {} reads an empty slot", step.label))
+                })
+                .collect();
+            slots[i] = Some(step.kernel.run(args));
+        }
+        Ok(self
+            .outputs
+            .iter()
+            .map(|(name, s)| (name.clone(), slots[*s].take().expect("output computed")))
+            .collect())
+    }
+
+    /// Runs the plan on host tensors (by name) and returns host tensors.
+    pub fn run_host(
+        &self,
+        given: &HashMap<String, HostTensor>,
+    ) -> Result<HashMap<String, HostTensor>, ExecError> {
+        let mut dev = HashMap::new();
+        for (name, _, shape) in &self.inputs {
+            if let Some(t) = given.get(name) {
+                if t.shape != *shape {
+                    return Err(ExecError::InputShape {
+                        name: name.clone(),
+                        expected: shape.clone(),
+                        found: t.shape.clone(),
+                    });
+                }
+                dev.insert(name.clone(), Value::from_host(t, &self.device));
+            }
+        }
+        let out = self.run(dev)?;
+        Ok(out.into_iter().map(|(k, v)| (k, v.to_host())).collect())
+    }
+}
+
+/// Uploads host data as a rank-`D` tensor.
+pub fn upload<const D: usize>(shape: &[usize], data: Vec<f32>, device: &Device) -> Tensor<D> {
+    Tensor::<D>::from_data(TensorData::new(data, shape.to_vec()), device)
+}

@@ -1,0 +1,769 @@
+//! The typed op graph: one node per op, each carrying its diffusers module path and its output
+//! shape, wired by edges that carry the shape flowing along them (tract-style facts). The graph is
+//! built for one [`InputSpec`] (batch, latent size, text length), so every shape is concrete.
+//! [`Graph::check`] is the consistency check run after construction and after every pass: every
+//! wire agrees with its producer and consumer, and every weight exists with the expected shape.
+//!
+//! Try it: `rewire graph models/tiny-sd --format text`.
+
+pub mod dump;
+
+use crate::weights::TensorFiles;
+use petgraph::Direction;
+use petgraph::stable_graph::{EdgeIndex, NodeIndex, StableDiGraph};
+use petgraph::visit::EdgeRef;
+use serde::Serialize;
+
+/// A concrete tensor shape.
+pub type Shape = Vec<usize>;
+
+/// Errors found by shape inference or the consistency check.
+#[derive(Debug, thiserror::Error)]
+pub enum GraphError {
+    #[error("{path} ({op}): {message}")]
+    Shape {
+        path: String,
+        op: String,
+        message: String,
+    },
+    #[error(
+        "{path} ({op}): wire from `{from}` carries {wire:?} but the producer makes {produced:?}"
+    )]
+    Wire {
+        path: String,
+        op: String,
+        from: String,
+        wire: Shape,
+        produced: Shape,
+    },
+    #[error("{path} ({op}): expects {expected} inputs, found {found}")]
+    Arity {
+        path: String,
+        op: String,
+        expected: usize,
+        found: usize,
+    },
+    #[error("the graph has a cycle through {path}")]
+    Cycle { path: String },
+    #[error(transparent)]
+    Weight(#[from] crate::weights::WeightError),
+}
+
+/// What the graph is built for: concrete sizes of every input.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct InputSpec {
+    pub batch: usize,
+    /// Latent height and width.
+    pub height: usize,
+    pub width: usize,
+    /// Text length (keys of cross-attention), 77 for CLIP.
+    pub text_len: usize,
+    /// Length of the `timestep` input: 1 (broadcast) or `batch`.
+    pub timesteps: usize,
+    /// Number of `time_ids` per item for text_time (SDXL: 6).
+    pub time_ids: usize,
+}
+
+impl InputSpec {
+    pub fn new(batch: usize, height: usize, width: usize) -> Self {
+        InputSpec {
+            batch,
+            height,
+            width,
+            text_len: 77,
+            timesteps: 1,
+            time_ids: 6,
+        }
+    }
+}
+
+/// Self- or cross-attention.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub enum AttnKind {
+    #[serde(rename = "self")]
+    SelfAttn,
+    #[serde(rename = "cross")]
+    Cross,
+}
+
+impl std::fmt::Display for AttnKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            AttnKind::SelfAttn => "self",
+            AttnKind::Cross => "cross",
+        })
+    }
+}
+
+/// Where in the UNet a layer sits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub enum Place {
+    #[serde(rename = "down")]
+    Down,
+    #[serde(rename = "mid")]
+    Mid,
+    #[serde(rename = "up")]
+    Up,
+}
+
+impl Place {
+    pub fn of_path(path: &str) -> Place {
+        if path.starts_with("down") {
+            Place::Down
+        } else if path.starts_with("mid") {
+            Place::Mid
+        } else {
+            Place::Up
+        }
+    }
+}
+
+impl std::fmt::Display for Place {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Place::Down => "down",
+            Place::Mid => "mid",
+            Place::Up => "up",
+        })
+    }
+}
+
+/// Facts about one attention layer.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct AttnInfo {
+    pub kind: AttnKind,
+    pub place: Place,
+    pub heads: usize,
+    pub head_dim: usize,
+    pub queries: usize,
+    pub keys: usize,
+    /// The query grid (height, width) in latent tokens.
+    pub grid: (usize, usize),
+    /// How many times the latent was downsampled to reach this grid (1, 2, 4, ...).
+    pub downsample: usize,
+    /// diffusers' upcast_attention (computation here is f32 throughout).
+    pub upcast: bool,
+}
+
+/// One operation. Every op has exactly one output.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub enum Op {
+    /// A graph input, by name (`sample`, `timestep`, `encoder_hidden_states`, `text_embeds`,
+    /// `time_ids`).
+    Input {
+        name: String,
+        shape: Shape,
+    },
+    /// Sinusoidal timestep projection (diffusers `Timesteps`): `[T]` → `[batch, dim]`, with `T`
+    /// 1 (broadcast) or `batch`.
+    TimestepProj {
+        dim: usize,
+        flip_sin_to_cos: bool,
+        shift: f64,
+        batch: usize,
+    },
+    /// `y = x Wᵀ + b` on the last axis; weights `path.weight` `[out, in]`, `path.bias` `[out]`.
+    Linear {
+        in_features: usize,
+        out_features: usize,
+        bias: bool,
+    },
+    /// 2-D convolution, NCHW; padding as (top, bottom, left, right).
+    Conv2d {
+        in_channels: usize,
+        out_channels: usize,
+        kernel: usize,
+        stride: usize,
+        padding: [usize; 4],
+    },
+    GroupNorm {
+        groups: usize,
+        channels: usize,
+        eps: f64,
+    },
+    LayerNorm {
+        dim: usize,
+        eps: f64,
+    },
+    Silu,
+    /// diffusers `ResnetBlock2D` (inputs: x, temb).
+    Resnet {
+        in_channels: usize,
+        out_channels: usize,
+        temb_channels: usize,
+        groups: usize,
+        eps: f64,
+        output_scale: f64,
+    },
+    /// `[B, C, H, W]` → `[B, H·W, C]`.
+    ToTokens,
+    /// `[B, H·W, C]` → `[B, C, H, W]`.
+    ToImage {
+        height: usize,
+        width: usize,
+    },
+    /// Scaled dot-product attention over heads (inputs: q `[B, Nq, h·d]`, k, v `[B, Nk, h·d]`).
+    Attention(AttnInfo),
+    /// GEGLU feed-forward (`ff.net.0.proj`, gelu gate, `ff.net.2`).
+    FeedForward {
+        dim: usize,
+        inner: usize,
+    },
+    /// Elementwise sum of two inputs of one shape, times `scale` (1 for a plain residual).
+    Add {
+        scale: f64,
+    },
+    /// Concatenation along `axis`.
+    Concat {
+        axis: usize,
+    },
+    /// Nearest-neighbour upsampling to a size.
+    Upsample {
+        height: usize,
+        width: usize,
+    },
+    /// Reshape to a shape with the same element count.
+    Reshape {
+        shape: Shape,
+    },
+    /// A graph output.
+    Output {
+        name: String,
+    },
+}
+
+impl Op {
+    /// A short name for listings.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Op::Input { .. } => "input",
+            Op::TimestepProj { .. } => "timestep_proj",
+            Op::Linear { .. } => "linear",
+            Op::Conv2d { .. } => "conv2d",
+            Op::GroupNorm { .. } => "group_norm",
+            Op::LayerNorm { .. } => "layer_norm",
+            Op::Silu => "silu",
+            Op::Resnet { .. } => "resnet",
+            Op::ToTokens => "to_tokens",
+            Op::ToImage { .. } => "to_image",
+            Op::Attention(_) => "attention",
+            Op::FeedForward { .. } => "geglu_ff",
+            Op::Add { .. } => "add",
+            Op::Concat { .. } => "concat",
+            Op::Upsample { .. } => "upsample",
+            Op::Reshape { .. } => "reshape",
+            Op::Output { .. } => "output",
+        }
+    }
+
+    /// Number of inputs the op takes.
+    pub fn arity(&self) -> usize {
+        match self {
+            Op::Input { .. } => 0,
+            Op::Resnet { .. } | Op::Add { .. } | Op::Concat { .. } => 2,
+            Op::Attention(_) => 3,
+            _ => 1,
+        }
+    }
+
+    /// The weights the op reads, relative to its path, with their expected shapes.
+    pub fn weights(&self) -> Vec<(&'static str, Shape)> {
+        match self {
+            Op::Linear {
+                in_features,
+                out_features,
+                bias,
+            } => {
+                let mut w = vec![("weight", vec![*out_features, *in_features])];
+                if *bias {
+                    w.push(("bias", vec![*out_features]));
+                }
+                w
+            }
+            Op::Conv2d {
+                in_channels,
+                out_channels,
+                kernel,
+                ..
+            } => vec![
+                (
+                    "weight",
+                    vec![*out_channels, *in_channels, *kernel, *kernel],
+                ),
+                ("bias", vec![*out_channels]),
+            ],
+            Op::GroupNorm { channels, .. } => {
+                vec![("weight", vec![*channels]), ("bias", vec![*channels])]
+            }
+            Op::LayerNorm { dim, .. } => vec![("weight", vec![*dim]), ("bias", vec![*dim])],
+            Op::Resnet {
+                in_channels: i,
+                out_channels: o,
+                temb_channels: t,
+                ..
+            } => {
+                let mut w = vec![
+                    ("norm1.weight", vec![*i]),
+                    ("norm1.bias", vec![*i]),
+                    ("conv1.weight", vec![*o, *i, 3, 3]),
+                    ("conv1.bias", vec![*o]),
+                    ("time_emb_proj.weight", vec![*o, *t]),
+                    ("time_emb_proj.bias", vec![*o]),
+                    ("norm2.weight", vec![*o]),
+                    ("norm2.bias", vec![*o]),
+                    ("conv2.weight", vec![*o, *o, 3, 3]),
+                    ("conv2.bias", vec![*o]),
+                ];
+                if i != o {
+                    w.push(("conv_shortcut.weight", vec![*o, *i, 1, 1]));
+                    w.push(("conv_shortcut.bias", vec![*o]));
+                }
+                w
+            }
+            Op::FeedForward { dim, inner } => vec![
+                ("net.0.proj.weight", vec![2 * inner, *dim]),
+                ("net.0.proj.bias", vec![2 * inner]),
+                ("net.2.weight", vec![*dim, *inner]),
+                ("net.2.bias", vec![*dim]),
+            ],
+            _ => vec![],
+        }
+    }
+
+    /// Infers the output shape from the input shapes; `Err` says what does not fit.
+    pub fn infer(&self, inputs: &[&[usize]]) -> Result<Shape, String> {
+        let want = |cond: bool, msg: String| if cond { Ok(()) } else { Err(msg) };
+        match self {
+            Op::Input { shape, .. } => Ok(shape.clone()),
+            Op::Output { .. } => Ok(inputs[0].to_vec()),
+            Op::TimestepProj { dim, batch, .. } => {
+                let t = inputs[0];
+                want(
+                    t.len() == 1 && (t[0] == 1 || t[0] == *batch),
+                    format!("timestep must be [1] or [{batch}], got {t:?}"),
+                )?;
+                Ok(vec![*batch, *dim])
+            }
+            Op::Linear {
+                in_features,
+                out_features,
+                ..
+            } => {
+                let x = inputs[0];
+                want(
+                    x.last() == Some(in_features),
+                    format!("input {x:?} does not end in {in_features} features"),
+                )?;
+                let mut s = x.to_vec();
+                *s.last_mut().expect("non-empty") = *out_features;
+                Ok(s)
+            }
+            Op::Conv2d {
+                in_channels,
+                out_channels,
+                kernel,
+                stride,
+                padding,
+            } => {
+                let x = inputs[0];
+                want(
+                    x.len() == 4 && x[1] == *in_channels,
+                    format!("input {x:?} is not [B, {in_channels}, H, W]"),
+                )?;
+                let h = x[2] + padding[0] + padding[1];
+                let w = x[3] + padding[2] + padding[3];
+                want(
+                    h >= *kernel && w >= *kernel,
+                    format!("input {x:?} is smaller than the {kernel}×{kernel} kernel"),
+                )?;
+                Ok(vec![
+                    x[0],
+                    *out_channels,
+                    (h - kernel) / stride + 1,
+                    (w - kernel) / stride + 1,
+                ])
+            }
+            Op::GroupNorm {
+                groups, channels, ..
+            } => {
+                let x = inputs[0];
+                want(
+                    x.len() == 4 && x[1] == *channels && channels % groups == 0,
+                    format!("input {x:?} is not [B, {channels}, H, W] in {groups} groups"),
+                )?;
+                Ok(x.to_vec())
+            }
+            Op::LayerNorm { dim, .. } => {
+                let x = inputs[0];
+                want(
+                    x.last() == Some(dim),
+                    format!("input {x:?} does not end in {dim}"),
+                )?;
+                Ok(x.to_vec())
+            }
+            Op::Silu => Ok(inputs[0].to_vec()),
+            Op::Resnet {
+                in_channels,
+                out_channels,
+                temb_channels,
+                ..
+            } => {
+                let (x, t) = (inputs[0], inputs[1]);
+                want(
+                    x.len() == 4 && x[1] == *in_channels,
+                    format!("input {x:?} is not [B, {in_channels}, H, W]"),
+                )?;
+                want(
+                    t == [x[0], *temb_channels],
+                    format!("time embedding {t:?} is not [{}, {temb_channels}]", x[0]),
+                )?;
+                Ok(vec![x[0], *out_channels, x[2], x[3]])
+            }
+            Op::ToTokens => {
+                let x = inputs[0];
+                want(x.len() == 4, format!("input {x:?} is not [B, C, H, W]"))?;
+                Ok(vec![x[0], x[2] * x[3], x[1]])
+            }
+            Op::ToImage { height, width } => {
+                let x = inputs[0];
+                want(
+                    x.len() == 3 && x[1] == height * width,
+                    format!("input {x:?} is not [B, {}, C]", height * width),
+                )?;
+                Ok(vec![x[0], x[2], *height, *width])
+            }
+            Op::Attention(a) => {
+                let (q, k, v) = (inputs[0], inputs[1], inputs[2]);
+                let inner = a.heads * a.head_dim;
+                want(
+                    q.len() == 3 && q[2] == inner,
+                    format!("query {q:?} is not [B, N, {inner}]"),
+                )?;
+                want(
+                    k.len() == 3 && k[2] == inner && k[0] == q[0],
+                    format!("key {k:?} is not [{}, M, {inner}]", q[0]),
+                )?;
+                want(k == v, format!("key {k:?} and value {v:?} differ"))?;
+                want(
+                    q[1] == a.queries && k[1] == a.keys,
+                    format!(
+                        "queries × keys are {} × {}, the layer was typed for {} × {}",
+                        q[1], k[1], a.queries, a.keys
+                    ),
+                )?;
+                Ok(q.to_vec())
+            }
+            Op::FeedForward { dim, .. } => {
+                let x = inputs[0];
+                want(
+                    x.last() == Some(dim),
+                    format!("input {x:?} does not end in {dim}"),
+                )?;
+                Ok(x.to_vec())
+            }
+            Op::Add { .. } => {
+                want(
+                    inputs[0] == inputs[1],
+                    format!("operands {:?} and {:?} differ", inputs[0], inputs[1]),
+                )?;
+                Ok(inputs[0].to_vec())
+            }
+            Op::Concat { axis } => {
+                let (a, b) = (inputs[0], inputs[1]);
+                let same_rank = a.len() == b.len() && *axis < a.len();
+                let others = same_rank
+                    && a.iter()
+                        .zip(b)
+                        .enumerate()
+                        .all(|(i, (x, y))| i == *axis || x == y);
+                want(
+                    others,
+                    format!("cannot concatenate {a:?} and {b:?} along axis {axis}"),
+                )?;
+                let mut s = a.to_vec();
+                s[*axis] += b[*axis];
+                Ok(s)
+            }
+            Op::Upsample { height, width } => {
+                let x = inputs[0];
+                want(x.len() == 4, format!("input {x:?} is not [B, C, H, W]"))?;
+                Ok(vec![x[0], x[1], *height, *width])
+            }
+            Op::Reshape { shape } => {
+                let n: usize = inputs[0].iter().product();
+                want(
+                    n == shape.iter().product::<usize>(),
+                    format!("cannot reshape {:?} to {shape:?}", inputs[0]),
+                )?;
+                Ok(shape.clone())
+            }
+        }
+    }
+
+    /// Parameters read by the op.
+    pub fn parameters(&self) -> usize {
+        self.weights()
+            .iter()
+            .map(|(_, s)| s.iter().product::<usize>())
+            .sum()
+    }
+
+    /// Estimated floating-point operations (multiply-adds count 2) for the given output shape.
+    pub fn flops(&self, inputs: &[&[usize]], out: &[usize]) -> u64 {
+        let n = |s: &[usize]| s.iter().product::<usize>() as u64;
+        match self {
+            Op::Linear {
+                in_features,
+                out_features,
+                ..
+            } => 2 * n(out) / *out_features as u64 * (*in_features * *out_features) as u64,
+            Op::Conv2d {
+                in_channels,
+                kernel,
+                ..
+            } => 2 * n(out) * (*in_channels * kernel * kernel) as u64,
+            Op::Resnet {
+                in_channels: i,
+                out_channels: o,
+                ..
+            } => {
+                let hw = (out[2] * out[3] * out[0]) as u64;
+                let short = if i != o { 2 * hw * (*i * *o) as u64 } else { 0 };
+                2 * hw * (*o * *i * 9 + *o * *o * 9) as u64 + short
+            }
+            Op::Attention(a) => {
+                let b = inputs[0][0] as u64;
+                4 * b * (a.heads * a.queries * a.keys * a.head_dim) as u64
+            }
+            Op::FeedForward { dim, inner } => {
+                let tokens = n(out) / *dim as u64;
+                2 * tokens * (*dim * 2 * inner + inner * dim) as u64
+            }
+            _ => n(out),
+        }
+    }
+}
+
+/// A node: an op, the diffusers path of the module it belongs to, and its output shape.
+#[derive(Debug, Clone, Serialize)]
+pub struct Node {
+    pub path: String,
+    pub op: Op,
+    pub shape: Shape,
+}
+
+impl Node {
+    /// `path` plus the op name, unique enough to read in a listing.
+    pub fn label(&self) -> String {
+        if self.path.is_empty() {
+            self.op.name().to_string()
+        } else {
+            format!("{} [{}]", self.path, self.op.name())
+        }
+    }
+}
+
+/// A wire: which input slot of the consumer it feeds, and the shape it carries.
+#[derive(Debug, Clone, Serialize)]
+pub struct Wire {
+    pub port: usize,
+    pub shape: Shape,
+}
+
+/// The typed op graph of one UNet for one input spec.
+#[derive(Debug, Clone)]
+pub struct Graph {
+    pub g: StableDiGraph<Node, Wire>,
+    pub spec: InputSpec,
+}
+
+impl Graph {
+    pub fn new(spec: InputSpec) -> Self {
+        Graph {
+            g: StableDiGraph::new(),
+            spec,
+        }
+    }
+
+    /// Adds a node fed by `inputs` (in port order), inferring its output shape.
+    pub fn add(
+        &mut self,
+        path: impl Into<String>,
+        op: Op,
+        inputs: &[NodeIndex],
+    ) -> Result<NodeIndex, GraphError> {
+        let path = path.into();
+        if inputs.len() != op.arity() {
+            return Err(GraphError::Arity {
+                path,
+                op: op.name().into(),
+                expected: op.arity(),
+                found: inputs.len(),
+            });
+        }
+        let shapes: Vec<&[usize]> = inputs.iter().map(|&i| self.g[i].shape.as_slice()).collect();
+        let shape = op.infer(&shapes).map_err(|message| GraphError::Shape {
+            path: path.clone(),
+            op: op.name().into(),
+            message,
+        })?;
+        let wires: Vec<Shape> = shapes.iter().map(|s| s.to_vec()).collect();
+        let id = self.g.add_node(Node { path, op, shape });
+        for (port, (&src, shape)) in inputs.iter().zip(wires).enumerate() {
+            self.g.add_edge(src, id, Wire { port, shape });
+        }
+        Ok(id)
+    }
+
+    /// The inputs of a node, in port order.
+    pub fn inputs_of(&self, n: NodeIndex) -> Vec<NodeIndex> {
+        let mut e: Vec<(usize, NodeIndex)> = self
+            .g
+            .edges_directed(n, Direction::Incoming)
+            .map(|e| (e.weight().port, e.source()))
+            .collect();
+        e.sort();
+        e.into_iter().map(|(_, s)| s).collect()
+    }
+
+    /// The incoming edges of a node, in port order.
+    pub fn input_edges(&self, n: NodeIndex) -> Vec<EdgeIndex> {
+        let mut e: Vec<(usize, EdgeIndex)> = self
+            .g
+            .edges_directed(n, Direction::Incoming)
+            .map(|e| (e.weight().port, e.id()))
+            .collect();
+        e.sort();
+        e.into_iter().map(|(_, s)| s).collect()
+    }
+
+    /// Nodes in a deterministic topological order (ties broken by insertion order).
+    pub fn topo(&self) -> Result<Vec<NodeIndex>, GraphError> {
+        petgraph::algo::toposort(&self.g, None).map_err(|c| GraphError::Cycle {
+            path: self.g[c.node_id()].path.clone(),
+        })
+    }
+
+    /// Finds an input node by name.
+    pub fn input(&self, name: &str) -> Option<NodeIndex> {
+        self.g
+            .node_indices()
+            .find(|&i| matches!(&self.g[i].op, Op::Input { name: n, .. } if n == name))
+    }
+
+    /// The graph's input nodes.
+    pub fn inputs(&self) -> Vec<(String, NodeIndex)> {
+        self.g
+            .node_indices()
+            .filter_map(|i| match &self.g[i].op {
+                Op::Input { name, .. } => Some((name.clone(), i)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// The graph's output nodes.
+    pub fn outputs(&self) -> Vec<(String, NodeIndex)> {
+        self.g
+            .node_indices()
+            .filter_map(|i| match &self.g[i].op {
+                Op::Output { name } => Some((name.clone(), i)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// Attention nodes in topological order, with their paths and facts.
+    pub fn attention_layers(&self) -> Vec<(NodeIndex, &str, &AttnInfo)> {
+        let order = self.topo().unwrap_or_default();
+        order
+            .into_iter()
+            .filter_map(|i| match &self.g[i].op {
+                Op::Attention(a) => Some((i, self.g[i].path.as_str(), a)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// The consistency check: arity, every wire's shape against its producer, every node's
+    /// shape against inference from its inputs, and (when given) every weight against `weights`.
+    pub fn check(&self, weights: Option<&TensorFiles>) -> Result<(), GraphError> {
+        self.topo()?;
+        for n in self.g.node_indices() {
+            let node = &self.g[n];
+            let edges = self.input_edges(n);
+            if edges.len() != node.op.arity() {
+                return Err(GraphError::Arity {
+                    path: node.path.clone(),
+                    op: node.op.name().into(),
+                    expected: node.op.arity(),
+                    found: edges.len(),
+                });
+            }
+            let mut shapes = Vec::with_capacity(edges.len());
+            for (port, e) in edges.iter().enumerate() {
+                let (src, _) = self.g.edge_endpoints(*e).expect("edge exists");
+                let wire = &self.g[*e];
+                if wire.port != port {
+                    return Err(GraphError::Arity {
+                        path: node.path.clone(),
+                        op: node.op.name().into(),
+                        expected: node.op.arity(),
+                        found: wire.port,
+                    });
+                }
+                if wire.shape != self.g[src].shape {
+                    return Err(GraphError::Wire {
+                        path: node.path.clone(),
+                        op: node.op.name().into(),
+                        from: self.g[src].label(),
+                        wire: wire.shape.clone(),
+                        produced: self.g[src].shape.clone(),
+                    });
+                }
+                shapes.push(wire.shape.as_slice());
+            }
+            let inferred = node
+                .op
+                .infer(&shapes)
+                .map_err(|message| GraphError::Shape {
+                    path: node.path.clone(),
+                    op: node.op.name().into(),
+                    message,
+                })?;
+            if inferred != node.shape {
+                return Err(GraphError::Shape {
+                    path: node.path.clone(),
+                    op: node.op.name().into(),
+                    message: format!(
+                        "records output {:?} but its inputs give {inferred:?}",
+                        node.shape
+                    ),
+                });
+            }
+            if let Some(w) = weights {
+                for (name, shape) in node.op.weights() {
+                    w.check(&format!("{}.{name}", node.path), &shape)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Totals for listings: op count, parameter count, estimated FLOPs.
+    pub fn totals(&self) -> (usize, usize, u64) {
+        let mut params = 0;
+        let mut flops = 0;
+        for n in self.g.node_indices() {
+            let node = &self.g[n];
+            params += node.op.parameters();
+            let ins: Vec<&[usize]> = self
+                .inputs_of(n)
+                .iter()
+                .map(|&i| self.g[i].shape.as_slice())
+                .collect();
+            flops += node.op.flops(&ins, &node.shape);
+        }
+        (self.g.node_count(), params, flops)
+    }
+}

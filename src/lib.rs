@@ -1,0 +1,15 @@
+//! rewire: load a Stable Diffusion UNet as a typed op graph, rewrite its attention layers with
+//! declarative recipes, and run it on Burn.
+//!
+//! The compile pipeline, tract-style: load ([`unet::UNet::open`]) → graph ([`unet::UNet::graph`],
+//! checked by [`graph::Graph::check`]) → lower ([`exec::Plan::lower`]) → run ([`exec::Plan::run`]).
+//!
+//! Try it: `cargo run --release -- inspect models/tiny-sd`.
+
+pub mod backend;
+pub mod config;
+pub mod exec;
+pub mod graph;
+pub mod io;
+pub mod unet;
+pub mod weights;

@@ -1,0 +1,189 @@
+//! The diffusers `UNet2DConditionModel`, built as a typed op graph from its real `config.json`,
+//! with node paths equal to the checkpoint's module paths so weights map with no remapping.
+//! One file per component, as in diffusers: time and text_time embeddings
+//! ([`embeddings`]), resnets and sampling ([`blocks`]), `Transformer2DModel` and its attention
+//! ([`transformer`]).
+//!
+//! Try it: `rewire inspect models/tiny-sd --size 16x16 --batch 2`.
+
+pub mod blocks;
+pub mod embeddings;
+pub mod transformer;
+
+use crate::config::{ConfigError, Resolved, UNetConfig};
+use crate::graph::{Graph, GraphError, InputSpec, Op};
+use crate::weights::{TensorFiles, WeightError};
+use petgraph::stable_graph::NodeIndex;
+use std::path::{Path, PathBuf};
+
+/// Errors raised while opening a model.
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    #[error(
+        "{path} is not a diffusers UNet folder: no config.json in it or in its unet/\n  hint: pass a pipeline folder (with unet/) or the unet/ folder itself"
+    )]
+    NotFound { path: PathBuf },
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Weight(#[from] WeightError),
+    #[error(transparent)]
+    Graph(#[from] GraphError),
+}
+
+/// An opened UNet: config, resolved facts and memory-mapped weights.
+#[derive(Debug)]
+pub struct UNet {
+    pub dir: PathBuf,
+    pub config: UNetConfig,
+    pub resolved: Resolved,
+    pub weights: TensorFiles,
+}
+
+impl UNet {
+    /// Opens a pipeline folder (reads its `unet/`) or a UNet folder.
+    pub fn open(path: &Path) -> Result<Self, ModelError> {
+        let dir = if path.join("unet").join("config.json").is_file() {
+            path.join("unet")
+        } else if path.join("config.json").is_file() {
+            path.to_path_buf()
+        } else {
+            return Err(ModelError::NotFound {
+                path: path.to_path_buf(),
+            });
+        };
+        let cfg_path = dir.join("config.json");
+        let config = UNetConfig::from_file(&cfg_path)?;
+        let resolved = config.resolve(&cfg_path)?;
+        let weights = TensorFiles::open_dir(&dir)?;
+        Ok(UNet {
+            dir,
+            config,
+            resolved,
+            weights,
+        })
+    }
+
+    /// Builds the graph for an input spec and runs the consistency check, weights included.
+    pub fn graph(&self, spec: InputSpec) -> Result<Graph, ModelError> {
+        let g = build(&self.resolved, spec)?;
+        g.check(Some(&self.weights))?;
+        Ok(g)
+    }
+
+    /// A fingerprint of the config and the weights' names and shapes (not their values).
+    pub fn fingerprint(&self) -> String {
+        use sha2::Digest;
+        let mut h = sha2::Sha256::new();
+        h.update(serde_json::to_string(&self.resolved).unwrap_or_default());
+        let mut names: Vec<&str> = self.weights.names().collect();
+        names.sort();
+        for n in names {
+            h.update(n);
+            h.update(format!("{:?}", self.weights.shape(n)));
+        }
+        format!("{:x}", h.finalize())
+    }
+}
+
+/// Builds the whole UNet graph for a resolved config and an input spec.
+pub fn build(cfg: &Resolved, spec: InputSpec) -> Result<Graph, GraphError> {
+    let mut g = Graph::new(spec);
+    let b = spec.batch;
+    let sample = g.add(
+        "",
+        Op::Input {
+            name: "sample".into(),
+            shape: vec![b, cfg.in_channels, spec.height, spec.width],
+        },
+        &[],
+    )?;
+    let timestep = g.add(
+        "",
+        Op::Input {
+            name: "timestep".into(),
+            shape: vec![spec.timesteps],
+        },
+        &[],
+    )?;
+    let context = g.add(
+        "",
+        Op::Input {
+            name: "encoder_hidden_states".into(),
+            shape: vec![b, spec.text_len, cfg.context_dim],
+        },
+        &[],
+    )?;
+
+    let temb = embeddings::time_embedding(&mut g, cfg, timestep)?;
+    let temb = match &cfg.text_time {
+        Some(tt) => {
+            let aug = embeddings::text_time_embedding(&mut g, cfg, tt)?;
+            g.add("add_embedding", Op::Add { scale: 1.0 }, &[temb, aug])?
+        }
+        None => temb,
+    };
+
+    let k = cfg.conv_in_kernel;
+    let mut x = g.add(
+        "conv_in",
+        Op::Conv2d {
+            in_channels: cfg.in_channels,
+            out_channels: cfg.block_out_channels[0],
+            kernel: k,
+            stride: 1,
+            padding: [k / 2; 4],
+        },
+        &[sample],
+    )?;
+    let ctx = Ctx {
+        cfg,
+        temb,
+        context,
+        spec,
+    };
+
+    let mut skips: Vec<NodeIndex> = vec![x];
+    for (i, blk) in cfg.down.iter().enumerate() {
+        x = blocks::down_block(&mut g, &ctx, i, blk, x, &mut skips)?;
+    }
+    if let Some(mid) = &cfg.mid {
+        x = blocks::mid_block(&mut g, &ctx, mid, x)?;
+    }
+    for (i, blk) in cfg.up.iter().enumerate() {
+        x = blocks::up_block(&mut g, &ctx, i, blk, x, &mut skips)?;
+    }
+    let c0 = cfg.block_out_channels[0];
+    x = g.add(
+        "conv_norm_out",
+        Op::GroupNorm {
+            groups: cfg.norm_groups,
+            channels: c0,
+            eps: cfg.norm_eps,
+        },
+        &[x],
+    )?;
+    x = g.add("conv_act", Op::Silu, &[x])?;
+    let k = cfg.conv_out_kernel;
+    x = g.add(
+        "conv_out",
+        Op::Conv2d {
+            in_channels: c0,
+            out_channels: cfg.out_channels,
+            kernel: k,
+            stride: 1,
+            padding: [k / 2; 4],
+        },
+        &[x],
+    )?;
+    g.add("", Op::Output { name: "out".into() }, &[x])?;
+    Ok(g)
+}
+
+/// What every block needs from the whole model.
+pub struct Ctx<'a> {
+    pub cfg: &'a Resolved,
+    pub temb: NodeIndex,
+    pub context: NodeIndex,
+    pub spec: InputSpec,
+}

@@ -1,0 +1,333 @@
+//! Safetensors reading and writing: memory-mapped single files or shards listed by a
+//! `*.safetensors.index.json`, with f32, f16 and bf16 tensors all read as f32. Every error names
+//! the file and, where there is one, the tensor, and says what to do.
+//!
+//! Try it: `rewire forward models/tiny-sd --inputs tests/fixtures/unet_cases/baseline.safetensors --out /tmp/out.safetensors`.
+
+use safetensors::{Dtype, SafeTensors};
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+
+/// Errors raised while reading or writing tensors.
+#[derive(Debug, thiserror::Error)]
+pub enum WeightError {
+    #[error("cannot open {path}: {source}")]
+    Open {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(
+        "{path} is not a valid safetensors file: {reason}\n  hint: the file may be truncated or corrupted; download or export it again"
+    )]
+    Corrupt { path: PathBuf, reason: String },
+    #[error("{path}: cannot read shard index: {reason}")]
+    Index { path: PathBuf, reason: String },
+    #[error(
+        "no weights found in {dir}: expected {expected}\n  hint: point rewire at a diffusers-format folder (a pipeline folder or its unet/)"
+    )]
+    NoWeights { dir: PathBuf, expected: String },
+    #[error(
+        "missing tensor `{name}` in {path}\n  hint: the checkpoint does not match its config.json (or is not in diffusers format)"
+    )]
+    Missing { name: String, path: PathBuf },
+    #[error("tensor `{name}` in {path} has shape {found:?}, expected {expected:?}")]
+    Shape {
+        name: String,
+        path: PathBuf,
+        expected: Vec<usize>,
+        found: Vec<usize>,
+    },
+    #[error(
+        "tensor `{name}` in {path} has dtype {dtype}; rewire reads F32, F16 and BF16 (and integer inputs)"
+    )]
+    Dtype {
+        name: String,
+        path: PathBuf,
+        dtype: String,
+    },
+    #[error("cannot write {path}: {reason}")]
+    Write { path: PathBuf, reason: String },
+}
+
+struct Entry {
+    file: usize,
+    dtype: Dtype,
+    shape: Vec<usize>,
+    start: usize,
+    end: usize,
+}
+
+/// One or more memory-mapped safetensors files seen as one name → tensor map.
+pub struct TensorFiles {
+    maps: Vec<(PathBuf, memmap2::Mmap)>,
+    entries: HashMap<String, Entry>,
+    /// What to name in messages (the single file, or the index).
+    origin: PathBuf,
+}
+
+impl std::fmt::Debug for TensorFiles {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "TensorFiles({}, {} tensors)",
+            self.origin.display(),
+            self.entries.len()
+        )
+    }
+}
+
+fn map_file(path: &Path) -> Result<memmap2::Mmap, WeightError> {
+    let file = std::fs::File::open(path).map_err(|source| WeightError::Open {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    // SAFETY: the map is read-only; a file changed underneath by another process is outside
+    // what any safetensors reader can guard against.
+    unsafe { memmap2::Mmap::map(&file) }.map_err(|source| WeightError::Open {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+impl TensorFiles {
+    /// Opens one safetensors file.
+    pub fn open(path: &Path) -> Result<Self, WeightError> {
+        let mut files = TensorFiles {
+            maps: Vec::new(),
+            entries: HashMap::new(),
+            origin: path.to_path_buf(),
+        };
+        files.add(path, None)?;
+        Ok(files)
+    }
+
+    /// Opens the shards listed by a `*.safetensors.index.json`.
+    pub fn open_index(index: &Path) -> Result<Self, WeightError> {
+        let text = std::fs::read_to_string(index).map_err(|source| WeightError::Open {
+            path: index.to_path_buf(),
+            source,
+        })?;
+        #[derive(serde::Deserialize)]
+        struct Index {
+            weight_map: BTreeMap<String, String>,
+        }
+        let idx: Index = serde_json::from_str(&text).map_err(|e| WeightError::Index {
+            path: index.to_path_buf(),
+            reason: e.to_string(),
+        })?;
+        let dir = index.parent().unwrap_or(Path::new("."));
+        let mut shards: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
+        for (name, file) in &idx.weight_map {
+            shards.entry(file.as_str()).or_default().push(name.as_str());
+        }
+        let mut files = TensorFiles {
+            maps: Vec::new(),
+            entries: HashMap::new(),
+            origin: index.to_path_buf(),
+        };
+        for (file, names) in shards {
+            files.add(&dir.join(file), Some(&names))?;
+        }
+        Ok(files)
+    }
+
+    fn add(&mut self, path: &Path, expect: Option<&[&str]>) -> Result<(), WeightError> {
+        let map = map_file(path)?;
+        let corrupt = |reason: String| WeightError::Corrupt {
+            path: path.to_path_buf(),
+            reason,
+        };
+        let st = SafeTensors::deserialize(&map).map_err(|e| corrupt(e.to_string()))?;
+        let base = map.as_ptr() as usize;
+        let file = self.maps.len();
+        for (name, view) in st.tensors() {
+            let data = view.data();
+            let start = data.as_ptr() as usize - base;
+            self.entries.insert(
+                name,
+                Entry {
+                    file,
+                    dtype: view.dtype(),
+                    shape: view.shape().to_vec(),
+                    start,
+                    end: start + data.len(),
+                },
+            );
+        }
+        if let Some(names) = expect {
+            for n in names {
+                if !self.entries.contains_key(*n) {
+                    return Err(WeightError::Missing {
+                        name: n.to_string(),
+                        path: path.to_path_buf(),
+                    });
+                }
+            }
+        }
+        drop(st);
+        self.maps.push((path.to_path_buf(), map));
+        Ok(())
+    }
+
+    /// Finds the weights of a diffusers component folder: `diffusion_pytorch_model.safetensors`,
+    /// `model.safetensors`, their sharded `.index.json` forms, or the `.fp16` variants.
+    pub fn open_dir(dir: &Path) -> Result<Self, WeightError> {
+        let stems = ["diffusion_pytorch_model", "model"];
+        for variant in ["", ".fp16"] {
+            for stem in stems {
+                let single = dir.join(format!("{stem}{variant}.safetensors"));
+                if single.is_file() {
+                    return Self::open(&single);
+                }
+                let index = dir.join(format!("{stem}{variant}.safetensors.index.json"));
+                if index.is_file() {
+                    return Self::open_index(&index);
+                }
+            }
+        }
+        Err(WeightError::NoWeights {
+            dir: dir.to_path_buf(),
+            expected: "diffusion_pytorch_model.safetensors (or model.safetensors, sharded *.safetensors.index.json, or .fp16 variants)".into(),
+        })
+    }
+
+    /// The file (or index) these tensors came from.
+    pub fn origin(&self) -> &Path {
+        &self.origin
+    }
+
+    pub fn contains(&self, name: &str) -> bool {
+        self.entries.contains_key(name)
+    }
+
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.entries.keys().map(String::as_str)
+    }
+
+    pub fn shape(&self, name: &str) -> Option<&[usize]> {
+        self.entries.get(name).map(|e| e.shape.as_slice())
+    }
+
+    fn entry(&self, name: &str) -> Result<&Entry, WeightError> {
+        self.entries.get(name).ok_or_else(|| WeightError::Missing {
+            name: name.to_string(),
+            path: self.origin.clone(),
+        })
+    }
+
+    fn path_of(&self, e: &Entry) -> PathBuf {
+        self.maps[e.file].0.clone()
+    }
+
+    /// Reads a tensor as f32 with its shape.
+    pub fn read_f32(&self, name: &str) -> Result<(Vec<usize>, Vec<f32>), WeightError> {
+        let e = self.entry(name)?;
+        let bytes = &self.maps[e.file].1[e.start..e.end];
+        let values = match e.dtype {
+            Dtype::F32 => bytes
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect(),
+            Dtype::F16 => bytes
+                .chunks_exact(2)
+                .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
+                .collect(),
+            Dtype::BF16 => bytes
+                .chunks_exact(2)
+                .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
+                .collect(),
+            Dtype::F64 => bytes
+                .chunks_exact(8)
+                .map(|c| f64::from_le_bytes(c.try_into().expect("8 bytes")) as f32)
+                .collect(),
+            Dtype::I64 => bytes
+                .chunks_exact(8)
+                .map(|c| i64::from_le_bytes(c.try_into().expect("8 bytes")) as f32)
+                .collect(),
+            Dtype::I32 => bytes
+                .chunks_exact(4)
+                .map(|c| i32::from_le_bytes(c.try_into().expect("4 bytes")) as f32)
+                .collect(),
+            other => {
+                return Err(WeightError::Dtype {
+                    name: name.to_string(),
+                    path: self.path_of(e),
+                    dtype: format!("{other:?}"),
+                });
+            }
+        };
+        Ok((e.shape.clone(), values))
+    }
+
+    /// Reads a tensor as f32, checking its shape.
+    pub fn read_f32_shaped(&self, name: &str, expected: &[usize]) -> Result<Vec<f32>, WeightError> {
+        let e = self.entry(name)?;
+        if e.shape != expected {
+            return Err(WeightError::Shape {
+                name: name.to_string(),
+                path: self.path_of(e),
+                expected: expected.to_vec(),
+                found: e.shape.clone(),
+            });
+        }
+        Ok(self.read_f32(name)?.1)
+    }
+
+    /// Checks that a tensor exists with the given shape, without reading it.
+    pub fn check(&self, name: &str, expected: &[usize]) -> Result<(), WeightError> {
+        let e = self.entry(name)?;
+        if e.shape != expected {
+            return Err(WeightError::Shape {
+                name: name.to_string(),
+                path: self.path_of(e),
+                expected: expected.to_vec(),
+                found: e.shape.clone(),
+            });
+        }
+        Ok(())
+    }
+}
+
+/// Writes f32 tensors to a safetensors file, through a temporary name renamed into place so
+/// that a failed write leaves no half-written file.
+pub fn write_f32(
+    path: &Path,
+    tensors: &[(String, Vec<usize>, Vec<f32>)],
+) -> Result<(), WeightError> {
+    let err = |reason: String| WeightError::Write {
+        path: path.to_path_buf(),
+        reason,
+    };
+    let bytes: Vec<Vec<u8>> = tensors
+        .iter()
+        .map(|(_, _, v)| v.iter().flat_map(|x| x.to_le_bytes()).collect())
+        .collect();
+    let views = tensors
+        .iter()
+        .zip(&bytes)
+        .map(|((name, shape, _), b)| {
+            safetensors::tensor::TensorView::new(Dtype::F32, shape.clone(), b)
+                .map(|v| (name.clone(), v))
+                .map_err(|e| err(e.to_string()))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let data = safetensors::serialize(views, None).map_err(|e| err(e.to_string()))?;
+    write_atomic(path, &data).map_err(|e| err(e.to_string()))
+}
+
+/// Writes bytes through a sibling temporary file and a rename.
+pub fn write_atomic(path: &Path, data: &[u8]) -> std::io::Result<()> {
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "out".into());
+    let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
+    std::fs::write(&tmp, data)?;
+    std::fs::rename(&tmp, path).inspect_err(|_| {
+        let _ = std::fs::remove_file(&tmp);
+    })
+}
