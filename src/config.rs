@@ -397,7 +397,7 @@ impl UNetConfig {
                 "null (up blocks mirror transformer_layers_per_block)",
             );
         }
-        if self.conv_in_kernel % 2 == 0 || self.conv_out_kernel % 2 == 0 {
+        if self.conv_in_kernel.is_multiple_of(2) || self.conv_out_kernel.is_multiple_of(2) {
             return unsupported(
                 "conv_in_kernel",
                 format!("{}/{}", self.conv_in_kernel, self.conv_out_kernel),

@@ -294,25 +294,134 @@ pub fn write_f32(
     path: &Path,
     tensors: &[(String, Vec<usize>, Vec<f32>)],
 ) -> Result<(), WeightError> {
+    write_as(path, tensors, Dtype::F32)
+}
+
+/// Writes tensors stored as `dtype` (F32, F16 or BF16), atomically.
+pub fn write_as(
+    path: &Path,
+    tensors: &[(String, Vec<usize>, Vec<f32>)],
+    dtype: Dtype,
+) -> Result<(), WeightError> {
     let err = |reason: String| WeightError::Write {
         path: path.to_path_buf(),
         reason,
     };
     let bytes: Vec<Vec<u8>> = tensors
         .iter()
-        .map(|(_, _, v)| v.iter().flat_map(|x| x.to_le_bytes()).collect())
+        .map(|(_, _, v)| match dtype {
+            Dtype::F16 => v
+                .iter()
+                .flat_map(|x| half::f16::from_f32(*x).to_le_bytes())
+                .collect(),
+            Dtype::BF16 => v
+                .iter()
+                .flat_map(|x| half::bf16::from_f32(*x).to_le_bytes())
+                .collect(),
+            _ => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+        })
         .collect();
+    let dtype = match dtype {
+        Dtype::F16 | Dtype::BF16 => dtype,
+        _ => Dtype::F32,
+    };
     let views = tensors
         .iter()
         .zip(&bytes)
         .map(|((name, shape, _), b)| {
-            safetensors::tensor::TensorView::new(Dtype::F32, shape.clone(), b)
+            safetensors::tensor::TensorView::new(dtype, shape.clone(), b)
                 .map(|v| (name.clone(), v))
                 .map_err(|e| err(e.to_string()))
         })
         .collect::<Result<Vec<_>, _>>()?;
     let data = safetensors::serialize(views, None).map_err(|e| err(e.to_string()))?;
     write_atomic(path, &data).map_err(|e| err(e.to_string()))
+}
+
+/// Where a model's weights come from: checkpoint files, or generated random weights.
+pub trait WeightSource {
+    /// What to name in messages.
+    fn origin(&self) -> &Path;
+    /// Checks a tensor exists with this shape.
+    fn check(&self, name: &str, shape: &[usize]) -> Result<(), WeightError>;
+    /// Reads a tensor as f32, checking its shape.
+    fn read(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>, WeightError>;
+}
+
+impl WeightSource for TensorFiles {
+    fn origin(&self) -> &Path {
+        &self.origin
+    }
+    fn check(&self, name: &str, shape: &[usize]) -> Result<(), WeightError> {
+        TensorFiles::check(self, name, shape)
+    }
+    fn read(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>, WeightError> {
+        self.read_f32_shaped(name, shape)
+    }
+}
+
+/// Deterministic random weights for any name and shape (benchmarks of published
+/// architectures without downloading them, and tests of configs with no checkpoint).
+/// Matrices and kernels are uniform in ±1/√fan_in like PyTorch's default init; norm scales are
+/// 1; biases are small.
+#[derive(Debug, Clone)]
+pub struct RandomWeights {
+    pub seed: u64,
+    origin: PathBuf,
+}
+
+impl RandomWeights {
+    pub fn new(seed: u64) -> Self {
+        RandomWeights {
+            seed,
+            origin: PathBuf::from(format!("<random weights, seed {seed}>")),
+        }
+    }
+
+    /// The values for one tensor.
+    pub fn values(&self, name: &str, shape: &[usize]) -> Vec<f32> {
+        let n: usize = shape.iter().product();
+        let is_norm = shape.len() == 1 && name.contains("norm");
+        if is_norm && name.ends_with(".weight") {
+            return vec![1.0; n];
+        }
+        let fan_in: usize = shape.iter().skip(1).product::<usize>().max(1);
+        let bound = if shape.len() >= 2 {
+            1.0 / (fan_in as f32).sqrt()
+        } else {
+            0.02
+        };
+        let mut state = self.seed ^ fnv1a(name.as_bytes());
+        (0..n)
+            .map(|_| {
+                state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+                let mut z = state;
+                z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+                z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+                z ^= z >> 31;
+                let u = (z >> 40) as f32 / (1u64 << 24) as f32; // [0, 1)
+                (2.0 * u - 1.0) * bound
+            })
+            .collect()
+    }
+}
+
+fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| {
+        (h ^ b as u64).wrapping_mul(0x0100_0000_01b3)
+    })
+}
+
+impl WeightSource for RandomWeights {
+    fn origin(&self) -> &Path {
+        &self.origin
+    }
+    fn check(&self, _: &str, _: &[usize]) -> Result<(), WeightError> {
+        Ok(())
+    }
+    fn read(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>, WeightError> {
+        Ok(self.values(name, shape))
+    }
 }
 
 /// Writes bytes through a sibling temporary file and a rename.

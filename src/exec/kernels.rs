@@ -3,7 +3,7 @@
 
 use super::{ExecError, HostTensor, LowerOptions, upload};
 use crate::graph::Op;
-use crate::weights::TensorFiles;
+use crate::weights::WeightSource;
 use burn::tensor::activation::{gelu, silu};
 use burn::tensor::module::{attention, conv2d, interpolate, layer_norm, linear};
 use burn::tensor::ops::{AttentionModuleOptions, ConvOptions, InterpolateMode, InterpolateOptions};
@@ -98,14 +98,14 @@ pub struct LinearW {
 
 impl LinearW {
     fn load(
-        files: &TensorFiles,
+        files: &dyn WeightSource,
         path: &str,
         i: usize,
         o: usize,
         bias: bool,
         dev: &Device,
     ) -> Result<Self, ExecError> {
-        let w = files.read_f32_shaped(&format!("{path}.weight"), &[o, i])?;
+        let w = files.read(&format!("{path}.weight"), &[o, i])?;
         let mut t = vec![0f32; w.len()];
         for r in 0..o {
             for c in 0..i {
@@ -115,7 +115,7 @@ impl LinearW {
         let b = if bias {
             Some(upload(
                 &[o],
-                files.read_f32_shaped(&format!("{path}.bias"), &[o])?,
+                files.read(&format!("{path}.bias"), &[o])?,
                 dev,
             ))
         } else {
@@ -141,8 +141,9 @@ pub struct ConvW {
 }
 
 impl ConvW {
+    #[allow(clippy::too_many_arguments)]
     fn load(
-        files: &TensorFiles,
+        files: &dyn WeightSource,
         path: &str,
         cin: usize,
         cout: usize,
@@ -151,8 +152,8 @@ impl ConvW {
         pad: [usize; 4],
         dev: &Device,
     ) -> Result<Self, ExecError> {
-        let w = files.read_f32_shaped(&format!("{path}.weight"), &[cout, cin, k, k])?;
-        let b = files.read_f32_shaped(&format!("{path}.bias"), &[cout])?;
+        let w = files.read(&format!("{path}.weight"), &[cout, cin, k, k])?;
+        let b = files.read(&format!("{path}.bias"), &[cout])?;
         Ok(ConvW {
             w: upload(&[cout, cin, k, k], w, dev),
             b: upload(&[cout], b, dev),
@@ -181,7 +182,7 @@ pub struct GroupNormW {
 
 impl GroupNormW {
     fn load(
-        files: &TensorFiles,
+        files: &dyn WeightSource,
         path: &str,
         groups: usize,
         c: usize,
@@ -193,12 +194,12 @@ impl GroupNormW {
             eps,
             gamma: upload(
                 &[1, c, 1, 1],
-                files.read_f32_shaped(&format!("{path}.weight"), &[c])?,
+                files.read(&format!("{path}.weight"), &[c])?,
                 dev,
             ),
             beta: upload(
                 &[1, c, 1, 1],
-                files.read_f32_shaped(&format!("{path}.bias"), &[c])?,
+                files.read(&format!("{path}.bias"), &[c])?,
                 dev,
             ),
         })
@@ -216,7 +217,21 @@ impl GroupNormW {
     }
 }
 
+/// A resnet's weights.
+#[derive(Debug, Clone)]
+pub struct ResnetW {
+    norm1: GroupNormW,
+    conv1: ConvW,
+    temb: LinearW,
+    norm2: GroupNormW,
+    conv2: ConvW,
+    shortcut: Option<ConvW>,
+    scale: f64,
+}
+
 /// A lowered op.
+// Kernels are built once per plan and never moved in a hot loop: size does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone)]
 pub enum Kernel {
     Input,
@@ -235,15 +250,7 @@ pub enum Kernel {
         eps: f64,
     },
     Silu,
-    Resnet {
-        norm1: GroupNormW,
-        conv1: ConvW,
-        temb: LinearW,
-        norm2: GroupNormW,
-        conv2: ConvW,
-        shortcut: Option<ConvW>,
-        scale: f64,
-    },
+    Resnet(Box<ResnetW>),
     ToTokens,
     ToImage {
         height: usize,
@@ -277,7 +284,7 @@ impl Kernel {
     pub fn lower(
         path: &str,
         op: &Op,
-        f: &TensorFiles,
+        f: &dyn WeightSource,
         dev: &Device,
         opts: LowerOptions,
     ) -> Result<Kernel, ExecError> {
@@ -339,8 +346,8 @@ impl Kernel {
                 eps,
             } => Kernel::GroupNorm(GroupNormW::load(f, path, *groups, *channels, *eps, dev)?),
             Op::LayerNorm { dim, eps } => Kernel::LayerNorm {
-                gamma: upload(&[*dim], f.read_f32_shaped(&sub("weight"), &[*dim])?, dev),
-                beta: upload(&[*dim], f.read_f32_shaped(&sub("bias"), &[*dim])?, dev),
+                gamma: upload(&[*dim], f.read(&sub("weight"), &[*dim])?, dev),
+                beta: upload(&[*dim], f.read(&sub("bias"), &[*dim])?, dev),
                 eps: *eps,
             },
             Op::Silu => Kernel::Silu,
@@ -351,7 +358,7 @@ impl Kernel {
                 groups,
                 eps,
                 output_scale,
-            } => Kernel::Resnet {
+            } => Kernel::Resnet(Box::new(ResnetW {
                 norm1: GroupNormW::load(f, &sub("norm1"), *groups, *i, *eps, dev)?,
                 conv1: ConvW::load(f, &sub("conv1"), *i, *o, 3, 1, [1; 4], dev)?,
                 temb: LinearW::load(f, &sub("time_emb_proj"), *t, *o, true, dev)?,
@@ -372,7 +379,7 @@ impl Kernel {
                     None
                 },
                 scale: *output_scale,
-            },
+            })),
             Op::ToTokens => Kernel::ToTokens,
             Op::ToImage { height, width } => Kernel::ToImage {
                 height: *height,
@@ -442,15 +449,16 @@ impl Kernel {
                 Value::R4(x) => Value::R4(silu(x)),
                 Value::R1(x) => Value::R1(silu(x)),
             },
-            Kernel::Resnet {
-                norm1,
-                conv1,
-                temb,
-                norm2,
-                conv2,
-                shortcut,
-                scale,
-            } => {
+            Kernel::Resnet(r) => {
+                let ResnetW {
+                    norm1,
+                    conv1,
+                    temb,
+                    norm2,
+                    conv2,
+                    shortcut,
+                    scale,
+                } = r.as_ref();
                 let x = arg(0).r4();
                 let t = arg(1).r2();
                 let h = conv1.apply(silu(norm1.apply(x.clone())));

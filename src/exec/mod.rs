@@ -11,7 +11,7 @@ mod kernels;
 pub use kernels::{AttentionImpl, Kernel, Value};
 
 use crate::graph::{Graph, GraphError, Op};
-use crate::weights::{TensorFiles, WeightError};
+use crate::weights::{WeightError, WeightSource};
 use burn::tensor::{Device, Tensor, TensorData};
 use std::collections::HashMap;
 
@@ -97,7 +97,7 @@ impl Plan {
     /// Lowers a graph (already checked) with weights from `weights` onto `device`.
     pub fn lower(
         graph: &Graph,
-        weights: &TensorFiles,
+        weights: &dyn WeightSource,
         device: &Device,
         opts: LowerOptions,
     ) -> Result<Plan, ExecError> {

@@ -8,7 +8,7 @@
 
 pub mod dump;
 
-use crate::weights::TensorFiles;
+use crate::weights::WeightSource;
 use petgraph::Direction;
 use petgraph::stable_graph::{EdgeIndex, NodeIndex, StableDiGraph};
 use petgraph::visit::EdgeRef;
@@ -673,21 +673,28 @@ impl Graph {
             .collect()
     }
 
-    /// Attention nodes in topological order, with their paths and facts.
+    /// Attention nodes in the order of diffusers' `unet.attn_processors` (down blocks, up
+    /// blocks, then the mid block, each in execution order), with their paths and facts.
     pub fn attention_layers(&self) -> Vec<(NodeIndex, &str, &AttnInfo)> {
         let order = self.topo().unwrap_or_default();
-        order
+        let mut layers: Vec<_> = order
             .into_iter()
             .filter_map(|i| match &self.g[i].op {
                 Op::Attention(a) => Some((i, self.g[i].path.as_str(), a)),
                 _ => None,
             })
-            .collect()
+            .collect();
+        layers.sort_by_key(|(_, _, a)| match a.place {
+            Place::Down => 0,
+            Place::Up => 1,
+            Place::Mid => 2,
+        });
+        layers
     }
 
     /// The consistency check: arity, every wire's shape against its producer, every node's
     /// shape against inference from its inputs, and (when given) every weight against `weights`.
-    pub fn check(&self, weights: Option<&TensorFiles>) -> Result<(), GraphError> {
+    pub fn check(&self, weights: Option<&dyn WeightSource>) -> Result<(), GraphError> {
         self.topo()?;
         for n in self.g.node_indices() {
             let node = &self.g[n];
@@ -748,6 +755,22 @@ impl Graph {
             }
         }
         Ok(())
+    }
+
+    /// Every weight the graph reads (full name, expected shape), in topological order.
+    pub fn weight_list(&self) -> Vec<(String, Shape)> {
+        let mut seen = std::collections::HashSet::new();
+        let mut out = Vec::new();
+        for n in self.topo().unwrap_or_default() {
+            let node = &self.g[n];
+            for (name, shape) in node.op.weights() {
+                let full = format!("{}.{name}", node.path);
+                if seen.insert(full.clone()) {
+                    out.push((full, shape));
+                }
+            }
+        }
+        out
     }
 
     /// Totals for listings: op count, parameter count, estimated FLOPs.

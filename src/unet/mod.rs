@@ -67,7 +67,7 @@ impl UNet {
     /// Builds the graph for an input spec and runs the consistency check, weights included.
     pub fn graph(&self, spec: InputSpec) -> Result<Graph, ModelError> {
         let g = build(&self.resolved, spec)?;
-        g.check(Some(&self.weights))?;
+        g.check(Some(&self.weights as &dyn crate::weights::WeightSource))?;
         Ok(g)
     }
 

@@ -42,7 +42,12 @@ pub fn attention(
         queries: g.g[x].shape[1],
         keys: g.g[kv].shape[1],
         grid,
-        downsample: spec.height / grid.0.max(1),
+        // The stride-2 convs round up: the level is the power of two whose ceil-division of
+        // the latent gives this grid.
+        downsample: (0..16)
+            .map(|l| 1usize << l)
+            .find(|p| spec.height.div_ceil(*p) == grid.0)
+            .unwrap_or(1),
         upcast,
     };
     let a = g.add(path, Op::Attention(info), &[q, k, v])?;

@@ -41,3 +41,85 @@ pub fn forward_case(model: &Path, case_path: &Path, opts: LowerOptions) -> HostT
         .remove("out")
         .unwrap()
 }
+
+/// Writes a diffusers-style UNet folder for `config` with deterministic random weights (as
+/// `dtype`, in `shards` files with an index when more than one), and returns its path.
+pub fn make_model(dir: &Path, config: &str, dtype: safetensors::Dtype, shards: usize) -> PathBuf {
+    use rewire::config::UNetConfig;
+    use rewire::weights::RandomWeights;
+    let unet = dir.join("unet");
+    std::fs::create_dir_all(&unet).unwrap();
+    std::fs::write(unet.join("config.json"), config).unwrap();
+    let cfg_path = unet.join("config.json");
+    let resolved = UNetConfig::from_file(&cfg_path)
+        .unwrap()
+        .resolve(&cfg_path)
+        .unwrap();
+    let graph = rewire::unet::build(&resolved, rewire::graph::InputSpec::new(1, 16, 16)).unwrap();
+    let rw = RandomWeights::new(7);
+    let all: Vec<(String, Vec<usize>, Vec<f32>)> = graph
+        .weight_list()
+        .into_iter()
+        .map(|(n, s)| {
+            let v = rw.values(&n, &s);
+            (n, s, v)
+        })
+        .collect();
+    if shards <= 1 {
+        rewire::weights::write_as(
+            &unet.join("diffusion_pytorch_model.safetensors"),
+            &all,
+            dtype,
+        )
+        .unwrap();
+    } else {
+        let per = all.len().div_ceil(shards);
+        let mut map = serde_json::Map::new();
+        for (i, chunk) in all.chunks(per).enumerate() {
+            let file = format!(
+                "diffusion_pytorch_model-{:05}-of-{:05}.safetensors",
+                i + 1,
+                shards
+            );
+            rewire::weights::write_as(&unet.join(&file), chunk, dtype).unwrap();
+            for (n, _, _) in chunk {
+                map.insert(n.clone(), serde_json::Value::String(file.clone()));
+            }
+        }
+        let index = serde_json::json!({"metadata": {}, "weight_map": map});
+        std::fs::write(
+            unet.join("diffusion_pytorch_model.safetensors.index.json"),
+            serde_json::to_string_pretty(&index).unwrap(),
+        )
+        .unwrap();
+    }
+    dir.to_path_buf()
+}
+
+/// Random host inputs for a spec.
+pub fn random_inputs(
+    spec: rewire::graph::InputSpec,
+    context_dim: usize,
+    extra: &[(&str, Vec<usize>)],
+) -> std::collections::HashMap<String, HostTensor> {
+    let rw = rewire::weights::RandomWeights::new(99);
+    let mut m = std::collections::HashMap::new();
+    let mut put = |name: &str, shape: Vec<usize>, scale: f32| {
+        let v = rw.values(name, &[shape.iter().product::<usize>(), 1]);
+        m.insert(
+            name.to_string(),
+            HostTensor::new(shape, v.iter().map(|x| x * scale).collect()),
+        );
+    };
+    put("sample", vec![spec.batch, 4, spec.height, spec.width], 1.0);
+    put(
+        "encoder_hidden_states",
+        vec![spec.batch, spec.text_len, context_dim],
+        1.0,
+    );
+    for (name, shape) in extra {
+        put(name, shape.clone(), 1.0);
+    }
+    m.insert("timestep".into(), HostTensor::new(vec![1], vec![321.0]));
+    m
+}

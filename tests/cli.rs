@@ -1,0 +1,153 @@
+//! The `rewire` binary: inspect, graph, forward, and its errors on bad input.
+
+mod common;
+use common::*;
+use std::process::Command;
+
+fn rewire(args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_rewire"))
+        .args(args)
+        .current_dir(root())
+        .output()
+        .unwrap();
+    let (so, se) = (
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    );
+    assert!(!se.contains("panicked"), "rewire panicked: {se}");
+    (out.status.success(), so, se)
+}
+
+#[test]
+fn inspect_json_lists_exactly_the_manifest_layers() {
+    let (ok, out, err) = rewire(&["inspect", "models/tiny-sd", "--json"]);
+    assert!(ok, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let got: Vec<&str> = v["attention"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a["path"].as_str().unwrap())
+        .collect();
+    let manifest: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(root().join("tests/fixtures/manifest.json")).unwrap(),
+    )
+    .unwrap();
+    let want: Vec<&str> = manifest["attention_layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p.as_str().unwrap())
+        .collect();
+    assert_eq!(got, want, "same layers in diffusers' attn_processors order");
+    let first = &v["attention"][0];
+    assert_eq!(first["kind"], "self");
+    assert_eq!(first["place"], "down");
+    assert_eq!(first["heads"], 8);
+    assert_eq!(first["queries"], 256);
+    assert_eq!(first["keys"], 256);
+    assert_eq!(v["attention"][1]["keys"], 77);
+}
+
+#[test]
+fn inspect_table_and_graph_formats() {
+    let (ok, out, err) = rewire(&[
+        "inspect",
+        "models/tiny-sd",
+        "--size",
+        "32x16",
+        "--batch",
+        "1",
+    ]);
+    assert!(ok, "{err}");
+    assert!(out.contains("down_blocks.0.attentions.0.transformer_blocks.0.attn1"));
+    assert!(
+        out.contains("512×512"),
+        "32×16 latent: 512 queries at full resolution\n{out}"
+    );
+    for fmt in ["text", "dot", "json"] {
+        let (ok, out, err) = rewire(&["graph", "models/tiny-sd", "--format", fmt]);
+        assert!(ok, "{fmt}: {err}");
+        assert!(
+            out.contains("mid_block.attentions.0.transformer_blocks.0.attn2"),
+            "{fmt}"
+        );
+    }
+}
+
+#[test]
+fn forward_matches_the_fixtures() {
+    let dir = tempfile::tempdir().unwrap();
+    for name in ["baseline", "baseline_nonsquare_t37"] {
+        let out = dir.path().join(format!("{name}.safetensors"));
+        let case_path = case(name);
+        let (ok, _, err) = rewire(&[
+            "forward",
+            "models/tiny-sd",
+            "--inputs",
+            case_path.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+        ]);
+        assert!(ok, "{err}");
+        let got = expected(&out, "out");
+        let want = expected(&case_path, "out");
+        let e = got.max_abs_diff(&want);
+        assert!(e <= 1e-4, "{name}: {e}");
+    }
+}
+
+#[test]
+fn bad_inputs_give_errors_not_panics() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("o.safetensors");
+    let o = out.to_str().unwrap();
+    let base = case("baseline");
+    let b = base.to_str().unwrap();
+    let (ok, _, err) = rewire(&["forward", "models/nothing-here", "--inputs", b, "--out", o]);
+    assert!(
+        !ok && err.contains("is not a diffusers UNet folder"),
+        "{err}"
+    );
+    let (ok, _, err) = rewire(&[
+        "forward",
+        "models/tiny-sd",
+        "--inputs",
+        "Cargo.toml",
+        "--out",
+        o,
+    ]);
+    assert!(
+        !ok && err.contains("Cargo.toml is not a valid safetensors file"),
+        "{err}"
+    );
+    let (ok, _, err) = rewire(&["inspect", "models/tiny-sd", "--size", "16by16"]);
+    assert!(!ok && err.contains("expected HxW"), "{err}");
+    let (ok, _, err) = rewire(&[
+        "forward",
+        "models/tiny-sd",
+        "--inputs",
+        b,
+        "--out",
+        o,
+        "--device",
+        "tpu",
+    ]);
+    assert!(!ok && err.contains("unknown device `tpu`"), "{err}");
+    if !cfg!(feature = "cuda") {
+        let (ok, _, err) = rewire(&[
+            "forward",
+            "models/tiny-sd",
+            "--inputs",
+            b,
+            "--out",
+            o,
+            "--device",
+            "cuda",
+        ]);
+        assert!(!ok && err.contains("--features cuda"), "{err}");
+    }
+    let (ok, _, err) = rewire(&["inspect", "models/tiny-sd", "--size", "0x16"]);
+    assert!(!ok && err.contains("sizes must be positive"), "{err}");
+    assert!(!out.exists(), "no output written on failure");
+}
