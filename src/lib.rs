@@ -7,9 +7,11 @@
 //! Try it: `cargo run --release -- inspect models/tiny-sd`.
 
 pub mod backend;
+pub mod compile;
 pub mod config;
 pub mod exec;
 pub mod graph;
 pub mod io;
+pub mod recipe;
 pub mod unet;
 pub mod weights;

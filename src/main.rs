@@ -4,8 +4,11 @@
 
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand, ValueEnum};
+use rewire::compile::plan_file::PlanFile;
+use rewire::compile::{self, CompileOptions, diff};
 use rewire::exec::{LowerOptions, Plan};
 use rewire::graph::{Graph, InputSpec, dump};
+use rewire::recipe::Source;
 use rewire::unet::UNet;
 use serde_json::json;
 use std::path::{Path, PathBuf};
@@ -67,7 +70,84 @@ enum Cmd {
         /// Backend: flex (CPU), wgpu, cuda.
         #[arg(long, default_value = "flex")]
         device: String,
+        /// Apply a recipe (compiled for the inputs' shapes).
+        #[arg(long, conflicts_with = "plan")]
+        recipe: Option<PathBuf>,
+        /// Run a plan made by `rewire compile`.
+        #[arg(long)]
+        plan: Option<PathBuf>,
+        /// Where Store rewrites write `probs.<layer>` (default: OUT with .store.safetensors).
+        #[arg(long)]
+        store_out: Option<PathBuf>,
+        /// The denoising step this forward is (for recipes with step ranges).
+        #[arg(long, requires = "steps")]
+        step: Option<usize>,
+        /// The number of denoising steps of the run.
+        #[arg(long)]
+        steps: Option<usize>,
+        /// Do not fuse rewrites: every rewrite runs on materialised probabilities.
+        #[arg(long)]
+        no_fuse: bool,
     },
+    /// Validate a recipe against a model.
+    Check {
+        recipe: PathBuf,
+        #[arg(long)]
+        model: PathBuf,
+        #[command(flatten)]
+        shape: ShapeArgs,
+    },
+    /// Per layer: which rewrites landed, which fusion fired or why it could not.
+    Explain {
+        recipe: PathBuf,
+        #[arg(long)]
+        model: PathBuf,
+        #[command(flatten)]
+        shape: ShapeArgs,
+        #[arg(long)]
+        no_fuse: bool,
+    },
+    /// The graph before and after a recipe, per layer: nodes added, removed, fused.
+    Diff {
+        recipe: PathBuf,
+        #[arg(long)]
+        model: PathBuf,
+        #[arg(long, value_enum, default_value = "text")]
+        format: Format,
+        #[command(flatten)]
+        shape: ShapeArgs,
+        #[arg(long)]
+        no_fuse: bool,
+    },
+    /// Compile a recipe ahead of time into a plan file.
+    Compile {
+        recipe: PathBuf,
+        #[arg(long)]
+        model: PathBuf,
+        #[arg(short, long)]
+        output: PathBuf,
+        #[command(flatten)]
+        shape: ShapeArgs,
+        #[arg(long)]
+        no_fuse: bool,
+    },
+}
+
+/// The input spec a recipe is compiled for.
+#[derive(clap::Args, Clone)]
+struct ShapeArgs {
+    /// Latent size HxW (default: the config's sample_size).
+    #[arg(long)]
+    size: Option<String>,
+    /// Batch size (2 = one prompt with classifier-free guidance).
+    #[arg(long, default_value_t = 2)]
+    batch: usize,
+    /// Text length (keys of cross-attention).
+    #[arg(long, default_value_t = 77)]
+    text_len: usize,
+    /// Number of denoising steps (needed when a rewrite has a step range).
+    #[arg(long)]
+    steps: Option<usize>,
 }
 
 fn parse_size(s: &str) -> Result<(usize, usize)> {
@@ -174,23 +254,165 @@ fn inspect(model: &Path, size: &Option<String>, batch: usize, as_json: bool) -> 
     Ok(())
 }
 
-fn forward(model: &Path, inputs: &Path, out: &Path, device: &str) -> Result<()> {
-    let device = rewire::backend::device(device)?;
-    let unet = UNet::open(model)?;
-    let given = rewire::io::read_forward_inputs(inputs)?;
-    let graph = unet.graph(given.spec)?;
+struct ForwardArgs {
+    model: PathBuf,
+    inputs: PathBuf,
+    out: PathBuf,
+    device: String,
+    recipe: Option<PathBuf>,
+    plan: Option<PathBuf>,
+    store_out: Option<PathBuf>,
+    step: Option<usize>,
+    steps: Option<usize>,
+    no_fuse: bool,
+}
+
+fn forward(a: ForwardArgs) -> Result<()> {
+    let device = rewire::backend::device(&a.device)?;
+    let unet = UNet::open(&a.model)?;
+    let given = rewire::io::read_forward_inputs(&a.inputs)?;
+    let base = unet.graph(given.spec)?;
+    let compiled = if let Some(r) = &a.recipe {
+        let src = Source::load(r)?;
+        let opts = CompileOptions {
+            fuse: !a.no_fuse,
+            steps: a.steps,
+            words: None,
+            require_bound_words: true,
+        };
+        Some(compile::compile_graph(&src, &base, &opts)?)
+    } else if let Some(p) = &a.plan {
+        let plan = PlanFile::load(p, &unet.fingerprint())?;
+        if plan.spec != given.spec {
+            bail!(
+                "{}: the plan was compiled for {:?}, the inputs in {} are {:?}\n  hint: compile it again with --size/--batch matching the inputs",
+                p.display(),
+                plan.spec,
+                a.inputs.display(),
+                given.spec
+            );
+        }
+        if let (Some(n), Some(m)) = (plan.steps, a.steps)
+            && n != m
+        {
+            bail!(
+                "{}: the plan was compiled for a {n}-step run, not {m}",
+                p.display()
+            );
+        }
+        Some(plan.compiled(p, &base)?)
+    } else {
+        None
+    };
+    let graph = match &compiled {
+        None => base.clone(),
+        Some(c) => {
+            let ranged = c.segments.iter().any(|s| s.steps.is_some());
+            let seg = match (ranged, a.step) {
+                (false, _) => &c.segments[0],
+                (true, None) => bail!(
+                    "recipe \"{}\" has step ranges: say which step this forward is (--step I --steps N)",
+                    c.recipe
+                ),
+                (true, Some(i)) => c.segment_for(i).with_context(|| {
+                    format!("--step {i} is outside the run of {:?} steps", c.steps)
+                })?,
+            };
+            seg.graph.clone()
+        }
+    };
     let plan = Plan::lower(&graph, &unet.weights, &device, LowerOptions::default())?;
     let t0 = std::time::Instant::now();
     let result = plan.run_host(&given.tensors)?;
     let y = &result["out"];
-    rewire::weights::write_f32(out, &[("out".into(), y.shape.clone(), y.data.clone())])?;
+    rewire::weights::write_f32(&a.out, &[("out".into(), y.shape.clone(), y.data.clone())])?;
     eprintln!(
         "wrote {} ({:?}) in {:.3}s",
-        out.display(),
+        a.out.display(),
         y.shape,
         t0.elapsed().as_secs_f64()
     );
+    let mut stored: Vec<(String, Vec<usize>, Vec<f32>)> = result
+        .iter()
+        .filter(|(k, _)| k.starts_with("probs."))
+        .map(|(k, v)| (k.clone(), v.shape.clone(), v.data.clone()))
+        .collect();
+    if !stored.is_empty() {
+        stored.sort_by(|x, y| x.0.cmp(&y.0));
+        let path = a
+            .store_out
+            .clone()
+            .unwrap_or_else(|| a.out.with_extension("store.safetensors"));
+        rewire::weights::write_f32(&path, &stored)?;
+        eprintln!("wrote {} stored maps to {}", stored.len(), path.display());
+    } else if let Some(p) = &a.store_out {
+        bail!(
+            "--store-out {}: the recipe stores nothing (it has no Store rewrite)",
+            p.display()
+        );
+    }
     Ok(())
+}
+
+fn compile_for(
+    recipe: &Path,
+    model: &Path,
+    shape: &ShapeArgs,
+    fuse: bool,
+) -> Result<(UNet, Source, compile::Compiled)> {
+    let unet = UNet::open(model)?;
+    let mut spec = spec_for(&unet, &shape.size, shape.batch)?;
+    spec.text_len = shape.text_len;
+    let src = Source::load(recipe)?;
+    let opts = CompileOptions {
+        fuse,
+        steps: shape.steps,
+        words: None,
+        require_bound_words: false,
+    };
+    let c = compile::compile(&src, &unet, spec, &opts)?;
+    Ok((unet, src, c))
+}
+
+fn explain(c: &compile::Compiled) {
+    let total = c.base.attention_layers().len();
+    println!("recipe \"{}\"", c.recipe);
+    for seg in &c.segments {
+        let steps = match seg.steps {
+            None => "all steps".to_string(),
+            Some((a, b)) => format!("steps {a}..{b}"),
+        };
+        println!(
+            "\n== {steps}: {} of {total} attention layers rewritten",
+            seg.layers.len()
+        );
+        for l in &seg.layers {
+            let landed: Vec<String> = l
+                .rewrites
+                .iter()
+                .zip(&l.ops)
+                .map(|(i, op)| format!("{op} (rewrite {i})"))
+                .collect();
+            println!(
+                "{}\n  landed: {}\n  {}",
+                l.path,
+                landed.join(" → "),
+                l.fusion
+            );
+            if !l.materialised.is_empty() {
+                println!(
+                    "  probabilities materialised for batch items {:?}",
+                    l.materialised
+                );
+            }
+        }
+    }
+    if !c.unbound_words.is_empty() {
+        println!(
+            "\nrewrites {:?} reweight words: they bind to token positions when a prompt is given",
+            c.unbound_words
+        );
+    }
 }
 
 fn main() -> Result<()> {
@@ -221,6 +443,90 @@ fn main() -> Result<()> {
             inputs,
             out,
             device,
-        } => forward(&model, &inputs, &out, &device),
+            recipe,
+            plan,
+            store_out,
+            step,
+            steps,
+            no_fuse,
+        } => forward(ForwardArgs {
+            model,
+            inputs,
+            out,
+            device,
+            recipe,
+            plan,
+            store_out,
+            step,
+            steps,
+            no_fuse,
+        }),
+        Cmd::Check {
+            recipe,
+            model,
+            shape,
+        } => {
+            let (_, src, c) = compile_for(&recipe, &model, &shape, true)?;
+            let layers: std::collections::BTreeSet<&str> = c
+                .segments
+                .iter()
+                .flat_map(|s| s.layers.iter().map(|l| l.path.as_str()))
+                .collect();
+            println!(
+                "{}: ok — {} rewrites on {} attention layers, {} step segment{}",
+                recipe.display(),
+                src.recipe.rewrites.len(),
+                layers.len(),
+                c.segments.len(),
+                if c.segments.len() == 1 { "" } else { "s" }
+            );
+            Ok(())
+        }
+        Cmd::Explain {
+            recipe,
+            model,
+            shape,
+            no_fuse,
+        } => {
+            let (_, _, c) = compile_for(&recipe, &model, &shape, !no_fuse)?;
+            explain(&c);
+            Ok(())
+        }
+        Cmd::Diff {
+            recipe,
+            model,
+            format,
+            shape,
+            no_fuse,
+        } => {
+            let (_, _, c) = compile_for(&recipe, &model, &shape, !no_fuse)?;
+            match format {
+                Format::Text => print!("{}", diff::text(&c)),
+                Format::Dot => print!("{}", diff::dot(&c)),
+                Format::Json => println!("{}", serde_json::to_string_pretty(&diff::json(&c))?),
+            }
+            Ok(())
+        }
+        Cmd::Compile {
+            recipe,
+            model,
+            output,
+            shape,
+            no_fuse,
+        } => {
+            let t0 = std::time::Instant::now();
+            let (unet, src, c) = compile_for(&recipe, &model, &shape, !no_fuse)?;
+            let plan = PlanFile::new(&c, unet.fingerprint(), src.fingerprint());
+            plan.save(&output)?;
+            eprintln!(
+                "compiled {} → {} ({} segment{}) in {:.3}s",
+                recipe.display(),
+                output.display(),
+                c.segments.len(),
+                if c.segments.len() == 1 { "" } else { "s" },
+                t0.elapsed().as_secs_f64()
+            );
+            Ok(())
+        }
     }
 }

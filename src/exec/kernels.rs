@@ -277,6 +277,38 @@ pub enum Kernel {
     Reshape {
         shape: Vec<usize>,
     },
+    /// `[B, Nk, 1]` row factors.
+    ScaleKeys(Tensor<3>),
+    AugmentQ {
+        heads: usize,
+    },
+    /// `[B, Nk, 1, 1]` biases already multiplied by √(d+1).
+    AugmentK {
+        heads: usize,
+        bias: Tensor<4>,
+    },
+    AttnProbs {
+        heads: usize,
+        items: Vec<usize>,
+    },
+    ProbsReweight {
+        /// `[rows, 1, 1, Nk]`.
+        weights: Tensor<4>,
+        /// `[rows, 1, 1, 1]`: 1 where the row is renormalised.
+        renorm: Option<Tensor<4>>,
+    },
+    ProbsReplace {
+        from: usize,
+        to: usize,
+    },
+    ProbsStore {
+        rows: Vec<usize>,
+        head_mean: bool,
+    },
+    AttnMix {
+        heads: usize,
+        items: Vec<usize>,
+    },
 }
 
 impl Kernel {
@@ -402,6 +434,54 @@ impl Kernel {
             Op::Reshape { shape } => Kernel::Reshape {
                 shape: shape.clone(),
             },
+            Op::ScaleKeys { keys, weights } => {
+                let b = weights.len() / keys;
+                Kernel::ScaleKeys(upload(&[b, *keys, 1], weights.clone(), dev))
+            }
+            Op::AugmentQ { heads } => Kernel::AugmentQ { heads: *heads },
+            Op::AugmentK { heads, keys, bias } => {
+                let b = bias.len() / keys;
+                // The head dim is only known from the input; the factor √(d+1) is applied at
+                // run time, so store the raw bias here.
+                Kernel::AugmentK {
+                    heads: *heads,
+                    bias: upload(&[b, *keys, 1, 1], bias.clone(), dev),
+                }
+            }
+            Op::AttnProbs { heads, items } => Kernel::AttnProbs {
+                heads: *heads,
+                items: items.clone(),
+            },
+            Op::ProbsReweight {
+                keys,
+                weights,
+                renormalize,
+            } => {
+                let rows = renormalize.len();
+                let any = renormalize.iter().any(|&r| r);
+                Kernel::ProbsReweight {
+                    weights: upload(&[rows, 1, 1, *keys], weights.clone(), dev),
+                    renorm: any.then(|| {
+                        upload(
+                            &[rows, 1, 1, 1],
+                            renormalize.iter().map(|&r| r as u8 as f32).collect(),
+                            dev,
+                        )
+                    }),
+                }
+            }
+            Op::ProbsReplace { from, to } => Kernel::ProbsReplace {
+                from: *from,
+                to: *to,
+            },
+            Op::ProbsStore { rows, head_mean } => Kernel::ProbsStore {
+                rows: rows.clone(),
+                head_mean: *head_mean,
+            },
+            Op::AttnMix { heads, items } => Kernel::AttnMix {
+                heads: *heads,
+                items: items.clone(),
+            },
         })
     }
 
@@ -520,6 +600,84 @@ impl Kernel {
                 let x = arg(0);
                 reshape(x, shape)
             }
+            Kernel::ScaleKeys(w) => Value::R3(arg(0).r3() * w.clone()),
+            Kernel::AugmentQ { heads } => {
+                let q = arg(0).r3();
+                let [b, n, c] = q.dims();
+                let d = c / heads;
+                let q = q.reshape([b, n, *heads, d]) * (((d + 1) as f64) / d as f64).sqrt();
+                let one = Tensor::<4>::ones([b, n, *heads, 1], &q.device());
+                Value::R3(Tensor::cat(vec![q, one], 3).reshape([b, n, heads * (d + 1)]))
+            }
+            Kernel::AugmentK { heads, bias } => {
+                let k = arg(0).r3();
+                let [b, n, c] = k.dims();
+                let d = c / heads;
+                let k = k.reshape([b, n, *heads, d]);
+                let extra = (bias.clone() * ((d + 1) as f64).sqrt()).repeat_dim(2, *heads);
+                Value::R3(Tensor::cat(vec![k, extra], 3).reshape([b, n, heads * (d + 1)]))
+            }
+            Kernel::AttnProbs { heads, items } => {
+                let (q, k) = (arg(0).r3(), arg(1).r3());
+                let dev = q.device();
+                let (q, k) = (pick(q, items, &dev), pick(k, items, &dev));
+                let d = q.dims()[2] / heads;
+                let (q, k) = (split_heads(q, *heads), split_heads(k, *heads));
+                let s = q.matmul(k.swap_dims(2, 3)) * (1.0 / (d as f64).sqrt());
+                Value::R4(burn::tensor::activation::softmax(s, 3))
+            }
+            Kernel::ProbsReweight { weights, renorm } => {
+                let p = arg(0).r4() * weights.clone();
+                Value::R4(match renorm {
+                    None => p,
+                    Some(m) => {
+                        let sum = p.clone().sum_dim(3);
+                        let div = sum * m.clone() - m.clone() + 1.0;
+                        p / div
+                    }
+                })
+            }
+            Kernel::ProbsReplace { from, to } => {
+                let p = arg(0).r4();
+                let n = p.dims()[0];
+                let idx: Vec<usize> = (0..n).map(|r| if r == *to { *from } else { r }).collect();
+                let dev = p.device();
+                Value::R4(pick4(p, &idx, &dev))
+            }
+            Kernel::ProbsStore { rows, head_mean } => {
+                let p = arg(0).r4();
+                let dev = p.device();
+                let p = pick4(p, rows, &dev);
+                let [r, h, nq, nk] = p.dims();
+                match (head_mean, r) {
+                    (false, 1) => Value::R3(p.reshape([h, nq, nk])),
+                    (false, _) => Value::R4(p),
+                    (true, 1) => Value::R2(p.mean_dim(1).reshape([nq, nk])),
+                    (true, _) => Value::R3(p.mean_dim(1).reshape([r, nq, nk])),
+                }
+            }
+            Kernel::AttnMix { heads, items } => {
+                let (q, k, v, p) = (arg(0).r3(), arg(1).r3(), arg(2).r3(), arg(3).r4());
+                let dev = q.device();
+                let [b, nq, _] = q.dims();
+                let cv = v.dims()[2];
+                let vi = split_heads(pick(v.clone(), items, &dev), *heads);
+                let mixed = p.matmul(vi).swap_dims(1, 2).reshape([items.len(), nq, cv]);
+                let rest: Vec<usize> = (0..b).filter(|i| !items.contains(i)).collect();
+                if rest.is_empty() {
+                    Value::R3(pick(mixed, &inverse(items), &dev))
+                } else {
+                    let o = attend(
+                        pick(q, &rest, &dev),
+                        pick(k, &rest, &dev),
+                        pick(v, &rest, &dev),
+                        *heads,
+                        AttentionImpl::Fused,
+                    );
+                    let order: Vec<usize> = items.iter().chain(&rest).copied().collect();
+                    Value::R3(pick(Tensor::cat(vec![mixed, o], 0), &inverse(&order), &dev))
+                }
+            }
         }
     }
 }
@@ -547,6 +705,40 @@ fn reshape(x: Value, shape: &[usize]) -> Value {
     }
 }
 
+/// Rows `idx` of a batch (axis 0).
+fn pick(t: Tensor<3>, idx: &[usize], dev: &Device) -> Tensor<3> {
+    if idx.len() == t.dims()[0] && idx.iter().enumerate().all(|(i, &j)| i == j) {
+        return t;
+    }
+    t.select(0, index(idx, dev))
+}
+
+fn pick4(t: Tensor<4>, idx: &[usize], dev: &Device) -> Tensor<4> {
+    if idx.len() == t.dims()[0] && idx.iter().enumerate().all(|(i, &j)| i == j) {
+        return t;
+    }
+    t.select(0, index(idx, dev))
+}
+
+fn index(idx: &[usize], dev: &Device) -> Tensor<1, burn::tensor::Int> {
+    let v: Vec<i64> = idx.iter().map(|&i| i as i64).collect();
+    Tensor::<1, burn::tensor::Int>::from_data(burn::tensor::TensorData::new(v, [idx.len()]), dev)
+}
+
+/// For a permutation `order` (position → item), the positions of items 0..n in it.
+fn inverse(order: &[usize]) -> Vec<usize> {
+    let mut inv = vec![0; order.len()];
+    for (pos, &item) in order.iter().enumerate() {
+        inv[item] = pos;
+    }
+    inv
+}
+
+fn split_heads(t: Tensor<3>, heads: usize) -> Tensor<4> {
+    let [b, n, c] = t.dims();
+    t.reshape([b, n, heads, c / heads]).swap_dims(1, 2)
+}
+
 /// Multi-head attention on `[B, N, h·d]` tensors.
 pub fn attend(
     q: Tensor<3>,
@@ -555,12 +747,13 @@ pub fn attend(
     heads: usize,
     imp: AttentionImpl,
 ) -> Tensor<3> {
-    let split = |t: Tensor<3>| {
-        let [b, n, c] = t.dims();
-        t.reshape([b, n, heads, c / heads]).swap_dims(1, 2)
-    };
     let [b, n, c] = q.dims();
-    let (q, k, v) = (split(q), split(k), split(v));
+    let cv = v.dims()[2];
+    let (q, k, v) = (
+        split_heads(q, heads),
+        split_heads(k, heads),
+        split_heads(v, heads),
+    );
     let o = match imp {
         AttentionImpl::Fused => attention(q, k, v, None, None, AttentionModuleOptions::default()),
         AttentionImpl::Naive => {
@@ -569,5 +762,5 @@ pub fn attend(
             burn::tensor::activation::softmax(s, 3).matmul(v)
         }
     };
-    o.swap_dims(1, 2).reshape([b, n, c])
+    o.swap_dims(1, 2).reshape([b, n, cv])
 }

@@ -7,12 +7,13 @@
 //! Try it: `rewire graph models/tiny-sd --format text`.
 
 pub mod dump;
+pub mod patch;
 
 use crate::weights::WeightSource;
 use petgraph::Direction;
 use petgraph::stable_graph::{EdgeIndex, NodeIndex, StableDiGraph};
 use petgraph::visit::EdgeRef;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// A concrete tensor shape.
 pub type Shape = Vec<usize>;
@@ -50,7 +51,7 @@ pub enum GraphError {
 }
 
 /// What the graph is built for: concrete sizes of every input.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct InputSpec {
     pub batch: usize,
     /// Latent height and width.
@@ -129,7 +130,7 @@ impl std::fmt::Display for Place {
 }
 
 /// Facts about one attention layer.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct AttnInfo {
     pub kind: AttnKind,
     pub place: Place,
@@ -146,7 +147,7 @@ pub struct AttnInfo {
 }
 
 /// One operation. Every op has exactly one output.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum Op {
     /// A graph input, by name (`sample`, `timestep`, `encoder_hidden_states`, `text_embeds`,
     /// `time_ids`).
@@ -230,6 +231,53 @@ pub enum Op {
     Output {
         name: String,
     },
+    /// Multiplies V's rows per batch item and key: `v[b, j, :] *= weights[b·keys + j]`
+    /// (a fused non-renormalised reweight: `P·diag(w)·V = P·(w⊙V)`).
+    ScaleKeys {
+        keys: usize,
+        weights: Vec<f32>,
+    },
+    /// Widens Q per head to fold a score bias into the fused kernel: `[q·√((d+1)/d), 1]`.
+    AugmentQ {
+        heads: usize,
+    },
+    /// Widens K per head with a per-key score bias: `[k, bias[b·keys + j]·√(d+1)]`, so that
+    /// `softmax(q'·k'/√(d+1)) = softmax(q·k/√d + bias)` (a fused renormalised reweight,
+    /// bias = log w).
+    AugmentK {
+        heads: usize,
+        keys: usize,
+        bias: Vec<f32>,
+    },
+    /// Attention probabilities of some batch items (inputs q, k): `[items, heads, Nq, Nk]`.
+    AttnProbs {
+        heads: usize,
+        items: Vec<usize>,
+    },
+    /// Multiplies probability rows per key (`P[r, :, :, j] *= weights[r·keys + j]`), then
+    /// renormalises the rows flagged.
+    ProbsReweight {
+        keys: usize,
+        weights: Vec<f32>,
+        renormalize: Vec<bool>,
+    },
+    /// Row `to` of the probabilities takes row `from`'s values.
+    ProbsReplace {
+        from: usize,
+        to: usize,
+    },
+    /// Some rows of the probabilities (the row axis dropped when one row), optionally averaged
+    /// over heads: what a Store records.
+    ProbsStore {
+        rows: Vec<usize>,
+        head_mean: bool,
+    },
+    /// Attention output (inputs q, k, v, P): the given probabilities for `items`, the fused
+    /// kernel for every other item.
+    AttnMix {
+        heads: usize,
+        items: Vec<usize>,
+    },
 }
 
 impl Op {
@@ -253,6 +301,14 @@ impl Op {
             Op::Upsample { .. } => "upsample",
             Op::Reshape { .. } => "reshape",
             Op::Output { .. } => "output",
+            Op::ScaleKeys { .. } => "scale_keys",
+            Op::AugmentQ { .. } => "augment_q",
+            Op::AugmentK { .. } => "augment_k",
+            Op::AttnProbs { .. } => "attn_probs",
+            Op::ProbsReweight { .. } => "probs_reweight",
+            Op::ProbsReplace { .. } => "probs_replace",
+            Op::ProbsStore { .. } => "probs_store",
+            Op::AttnMix { .. } => "attn_mix",
         }
     }
 
@@ -260,8 +316,9 @@ impl Op {
     pub fn arity(&self) -> usize {
         match self {
             Op::Input { .. } => 0,
-            Op::Resnet { .. } | Op::Add { .. } | Op::Concat { .. } => 2,
+            Op::Resnet { .. } | Op::Add { .. } | Op::Concat { .. } | Op::AttnProbs { .. } => 2,
             Op::Attention(_) => 3,
+            Op::AttnMix { .. } => 4,
             _ => 1,
         }
     }
@@ -434,16 +491,7 @@ impl Op {
             }
             Op::Attention(a) => {
                 let (q, k, v) = (inputs[0], inputs[1], inputs[2]);
-                let inner = a.heads * a.head_dim;
-                want(
-                    q.len() == 3 && q[2] == inner,
-                    format!("query {q:?} is not [B, N, {inner}]"),
-                )?;
-                want(
-                    k.len() == 3 && k[2] == inner && k[0] == q[0],
-                    format!("key {k:?} is not [{}, M, {inner}]", q[0]),
-                )?;
-                want(k == v, format!("key {k:?} and value {v:?} differ"))?;
+                attn_qkv(a.heads, q, k, v)?;
                 want(
                     q[1] == a.queries && k[1] == a.keys,
                     format!(
@@ -451,7 +499,109 @@ impl Op {
                         q[1], k[1], a.queries, a.keys
                     ),
                 )?;
-                Ok(q.to_vec())
+                Ok(vec![q[0], q[1], v[2]])
+            }
+            Op::ScaleKeys { keys, weights } => {
+                let v = inputs[0];
+                want(
+                    v.len() == 3 && v[1] == *keys && weights.len() == v[0] * keys,
+                    format!(
+                        "values {v:?} do not fit {} weights over {keys} keys",
+                        weights.len()
+                    ),
+                )?;
+                Ok(v.to_vec())
+            }
+            Op::AugmentQ { heads } => {
+                let q = inputs[0];
+                want(
+                    q.len() == 3 && q[2].is_multiple_of(*heads),
+                    format!("queries {q:?} do not split into {heads} heads"),
+                )?;
+                Ok(vec![q[0], q[1], q[2] + heads])
+            }
+            Op::AugmentK { heads, keys, bias } => {
+                let k = inputs[0];
+                want(
+                    k.len() == 3
+                        && k[2].is_multiple_of(*heads)
+                        && k[1] == *keys
+                        && bias.len() == k[0] * keys,
+                    format!(
+                        "keys {k:?} do not fit {heads} heads and {} biases over {keys} keys",
+                        bias.len()
+                    ),
+                )?;
+                Ok(vec![k[0], k[1], k[2] + heads])
+            }
+            Op::AttnProbs { heads, items } => {
+                let (q, k) = (inputs[0], inputs[1]);
+                attn_qkv(*heads, q, k, k)?;
+                want(
+                    !items.is_empty() && items.iter().all(|&i| i < q[0]),
+                    format!("items {items:?} outside the batch of {}", q[0]),
+                )?;
+                Ok(vec![items.len(), *heads, q[1], k[1]])
+            }
+            Op::ProbsReweight {
+                keys,
+                weights,
+                renormalize,
+            } => {
+                let p = inputs[0];
+                want(
+                    p.len() == 4
+                        && p[3] == *keys
+                        && weights.len() == p[0] * keys
+                        && renormalize.len() == p[0],
+                    format!(
+                        "probabilities {p:?} do not fit {} weights over {keys} keys",
+                        weights.len()
+                    ),
+                )?;
+                Ok(p.to_vec())
+            }
+            Op::ProbsReplace { from, to } => {
+                let p = inputs[0];
+                want(
+                    p.len() == 4 && *from < p[0] && *to < p[0],
+                    format!("rows {from} → {to} outside probabilities {p:?}"),
+                )?;
+                Ok(p.to_vec())
+            }
+            Op::ProbsStore { rows, head_mean } => {
+                let p = inputs[0];
+                want(
+                    p.len() == 4 && !rows.is_empty() && rows.iter().all(|&r| r < p[0]),
+                    format!("rows {rows:?} outside probabilities {p:?}"),
+                )?;
+                let mut s = vec![rows.len()];
+                if !head_mean {
+                    s.push(p[1]);
+                }
+                s.extend([p[2], p[3]]);
+                if rows.len() == 1 {
+                    s.remove(0);
+                }
+                Ok(s)
+            }
+            Op::AttnMix { heads, items } => {
+                let (q, k, v, p) = (inputs[0], inputs[1], inputs[2], inputs[3]);
+                attn_qkv(*heads, q, k, v)?;
+                want(
+                    p == [items.len(), *heads, q[1], k[1]],
+                    format!(
+                        "probabilities {p:?} are not [{}, {heads}, {}, {}]",
+                        items.len(),
+                        q[1],
+                        k[1]
+                    ),
+                )?;
+                want(
+                    items.iter().all(|&i| i < q[0]),
+                    format!("items {items:?} outside the batch of {}", q[0]),
+                )?;
+                Ok(vec![q[0], q[1], v[2]])
             }
             Op::FeedForward { dim, .. } => {
                 let x = inputs[0];
@@ -535,6 +685,14 @@ impl Op {
                 let b = inputs[0][0] as u64;
                 4 * b * (a.heads * a.queries * a.keys * a.head_dim) as u64
             }
+            Op::AttnProbs { heads, .. } => 2 * n(out) * (inputs[0][2] / heads) as u64,
+            Op::AttnMix { heads, .. } => {
+                2 * n(inputs[3]) * (inputs[2][2] / heads) as u64 + {
+                    let b = inputs[0][0] as u64;
+                    let rest = b.saturating_sub(inputs[3][0] as u64);
+                    4 * rest * (inputs[0][1] * inputs[1][1] * inputs[0][2]) as u64
+                }
+            }
             Op::FeedForward { dim, inner } => {
                 let tokens = n(out) / *dim as u64;
                 2 * tokens * (*dim * 2 * inner + inner * dim) as u64
@@ -544,8 +702,28 @@ impl Op {
     }
 }
 
+/// Checks the q, k, v shapes of one attention: `[B, Nq, h·dq]`, `[B, Nk, h·dq]`, `[B, Nk, h·dv]`.
+fn attn_qkv(heads: usize, q: &[usize], k: &[usize], v: &[usize]) -> Result<(), String> {
+    let ok = q.len() == 3
+        && k.len() == 3
+        && v.len() == 3
+        && q[2].is_multiple_of(heads)
+        && v[2].is_multiple_of(heads)
+        && k[2] == q[2]
+        && k[0] == q[0]
+        && v[0] == q[0]
+        && v[1] == k[1];
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "query {q:?}, key {k:?}, value {v:?} are not [B, Nq, {heads}·dq], [B, Nk, {heads}·dq], [B, Nk, {heads}·dv]"
+        ))
+    }
+}
+
 /// A node: an op, the diffusers path of the module it belongs to, and its output shape.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Node {
     pub path: String,
     pub op: Op,
@@ -564,7 +742,7 @@ impl Node {
 }
 
 /// A wire: which input slot of the consumer it feeds, and the shape it carries.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Wire {
     pub port: usize,
     pub shape: Shape,

@@ -123,3 +123,30 @@ pub fn random_inputs(
     m.insert("timestep".into(), HostTensor::new(vec![1], vec![321.0]));
     m
 }
+
+/// Runs a case through a recipe; returns every output (`out` and any `probs.*`).
+pub fn recipe_case(
+    recipe: &str,
+    case_name: &str,
+    fuse: bool,
+) -> std::collections::HashMap<String, HostTensor> {
+    use rewire::compile::{CompileOptions, compile_graph};
+    let unet = UNet::open(&tiny_sd()).unwrap();
+    let inputs = rewire::io::read_forward_inputs(&case(case_name)).unwrap();
+    let base = unet.graph(inputs.spec).unwrap();
+    let src = rewire::recipe::Source::load(&root().join("rewrites").join(recipe)).unwrap();
+    let opts = CompileOptions {
+        fuse,
+        ..Default::default()
+    };
+    let c = compile_graph(&src, &base, &opts).unwrap();
+    assert_eq!(c.segments.len(), 1);
+    let plan = Plan::lower(
+        &c.segments[0].graph,
+        &unet.weights,
+        &device(),
+        LowerOptions::default(),
+    )
+    .unwrap();
+    plan.run_host(&inputs.tensors).unwrap()
+}

@@ -1,0 +1,199 @@
+//! The graph before and after a recipe, per layer: nodes added, removed, and the fusion that
+//! fired — as text for a terminal, DOT to render, JSON for programs.
+//!
+//! Try it: `rewire diff rewrites/p2p_reweight.ron --model models/tiny-sd`.
+
+use super::{Compiled, Segment};
+use crate::graph::Graph;
+use serde::Serialize;
+use std::collections::BTreeMap;
+use std::fmt::Write;
+
+/// What changed on one layer.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct LayerDiff {
+    pub path: String,
+    pub rewrites: Vec<usize>,
+    pub added: Vec<String>,
+    pub removed: Vec<String>,
+    pub fusion: String,
+}
+
+/// What changed in one segment.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct SegmentDiff {
+    pub steps: Option<(usize, usize)>,
+    pub layers: Vec<LayerDiff>,
+    pub outputs_added: Vec<String>,
+    pub nodes_before: usize,
+    pub nodes_after: usize,
+}
+
+fn ops_at(g: &Graph, path: &str) -> BTreeMap<String, usize> {
+    let mut m = BTreeMap::new();
+    for n in g.g.node_indices() {
+        let node = &g.g[n];
+        if node.path == path {
+            *m.entry(node.op.name().to_string()).or_insert(0) += 1;
+        }
+    }
+    m
+}
+
+fn expand(m: &BTreeMap<String, usize>, other: &BTreeMap<String, usize>) -> Vec<String> {
+    let mut v = Vec::new();
+    for (op, &n) in m {
+        let o = other.get(op).copied().unwrap_or(0);
+        for _ in o..n {
+            v.push(op.clone());
+        }
+    }
+    v
+}
+
+/// Diffs one segment against the untouched graph.
+pub fn segment(base: &Graph, seg: &Segment) -> SegmentDiff {
+    let layers = seg
+        .layers
+        .iter()
+        .map(|r| {
+            let (before, after) = (ops_at(base, &r.path), ops_at(&seg.graph, &r.path));
+            LayerDiff {
+                path: r.path.clone(),
+                rewrites: r.rewrites.clone(),
+                added: expand(&after, &before),
+                removed: expand(&before, &after),
+                fusion: r.fusion.clone(),
+            }
+        })
+        .collect();
+    let base_out: Vec<String> = base.outputs().into_iter().map(|(n, _)| n).collect();
+    let mut outputs_added: Vec<String> = seg
+        .graph
+        .outputs()
+        .into_iter()
+        .map(|(n, _)| n)
+        .filter(|n| !base_out.contains(n))
+        .collect();
+    outputs_added.sort();
+    SegmentDiff {
+        steps: seg.steps,
+        layers,
+        outputs_added,
+        nodes_before: base.g.node_count(),
+        nodes_after: seg.graph.g.node_count(),
+    }
+}
+
+/// Diffs every segment.
+pub fn diff(c: &Compiled) -> Vec<SegmentDiff> {
+    c.segments.iter().map(|s| segment(&c.base, s)).collect()
+}
+
+fn steps_label(s: Option<(usize, usize)>) -> String {
+    match s {
+        None => "all steps".into(),
+        Some((a, b)) => format!("steps {a}..{b}"),
+    }
+}
+
+/// A terminal-readable diff.
+pub fn text(c: &Compiled) -> String {
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "recipe \"{}\" — batch {}, latent {}×{}, text {}",
+        c.recipe, c.spec.batch, c.spec.height, c.spec.width, c.spec.text_len
+    );
+    for d in diff(c) {
+        let _ = writeln!(
+            s,
+            "\n== {} — {} layers rewritten, nodes {} → {}",
+            steps_label(d.steps),
+            d.layers.len(),
+            d.nodes_before,
+            d.nodes_after
+        );
+        for l in &d.layers {
+            let _ = writeln!(s, "{}  (rewrites {:?})", l.path, l.rewrites);
+            if !l.added.is_empty() {
+                let _ = writeln!(s, "  + {}", l.added.join(", "));
+            }
+            if !l.removed.is_empty() {
+                let _ = writeln!(s, "  - {}", l.removed.join(", "));
+            }
+            let _ = writeln!(s, "  ~ {}", l.fusion);
+        }
+        if !d.outputs_added.is_empty() {
+            let _ = writeln!(s, "outputs added: {}", d.outputs_added.join(", "));
+        }
+    }
+    s
+}
+
+/// JSON for programs.
+pub fn json(c: &Compiled) -> serde_json::Value {
+    serde_json::json!({
+        "recipe": c.recipe,
+        "spec": c.spec,
+        "segments": diff(c),
+    })
+}
+
+/// DOT: each rewritten layer as a cluster of its nodes after the rewrite, new nodes green,
+/// removed nodes listed red.
+pub fn dot(c: &Compiled) -> String {
+    let mut s =
+        String::from("digraph rewire_diff {\n  rankdir=LR;\n  node [shape=box, fontsize=10];\n");
+    for (si, (seg, d)) in c.segments.iter().zip(diff(c)).enumerate() {
+        for (li, l) in d.layers.iter().enumerate() {
+            let _ = writeln!(
+                s,
+                "  subgraph cluster_{si}_{li} {{\n    label=\"{} — {}\";",
+                l.path,
+                steps_label(seg.steps)
+            );
+            let g = &seg.graph;
+            let mut added = l.added.clone();
+            for n in g.g.node_indices().filter(|&n| g.g[n].path == l.path) {
+                let name = g.g[n].op.name();
+                let fresh = if let Some(p) = added.iter().position(|a| a == name) {
+                    added.remove(p);
+                    true
+                } else {
+                    false
+                };
+                let color = if fresh {
+                    ", style=filled, fillcolor=\"#b6f2b6\""
+                } else {
+                    ""
+                };
+                let _ = writeln!(
+                    s,
+                    "    s{si}n{} [label=\"{name}\\n{:?}\"{color}];",
+                    n.index(),
+                    g.g[n].shape
+                );
+                for src in g.inputs_of(n) {
+                    if g.g[src].path == l.path {
+                        let _ = writeln!(s, "    s{si}n{} -> s{si}n{};", src.index(), n.index());
+                    }
+                }
+            }
+            for (ri, r) in l.removed.iter().enumerate() {
+                let _ = writeln!(
+                    s,
+                    "    s{si}r{li}_{ri} [label=\"removed: {r}\", style=\"filled,dashed\", fillcolor=\"#f6b6b6\"];"
+                );
+            }
+            let _ = writeln!(
+                s,
+                "    s{si}f{li} [shape=note, label=\"{}\"];",
+                l.fusion.replace('"', "'")
+            );
+            s.push_str("  }\n");
+        }
+    }
+    s.push_str("}\n");
+    s
+}

@@ -1,0 +1,930 @@
+//! The recipe compiler, tract-style: validate the recipe against the model's graph for an input
+//! spec (every error located in the recipe), apply each rewrite as a patch inserting typed nodes,
+//! fuse where the algebra allows, and check the graph after every pass. A recipe with step
+//! ranges compiles to one graph per step segment.
+//!
+//! Fusions:
+//! - a non-renormalised Reweight scales V's rows: `P·diag(w)·V = P·(w⊙V)` — the fused kernel stays;
+//! - a renormalised Reweight is an additive `log w` bias on the scores, folded into Q and K (one
+//!   extra dimension per head) — the fused kernel stays, with no bias or scale argument;
+//! - probabilities are materialised only on layers with a Store or ReplaceMaps, and only for the
+//!   batch items those need.
+//!
+//! Try it: `rewire explain rewrites/reweight_renorm.ron --model models/tiny-sd`.
+
+pub mod diff;
+pub mod plan_file;
+
+use crate::graph::patch::{Patch, Src};
+use crate::graph::{AttnInfo, AttnKind, Graph, GraphError, InputSpec, Op};
+use crate::recipe::spans::Seg;
+use crate::recipe::{RecipeError, RewriteOp, Source, Steps, at, select};
+use crate::unet::{ModelError, UNet};
+use petgraph::Direction;
+use petgraph::stable_graph::NodeIndex;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+
+/// Errors raised while compiling a recipe.
+#[derive(Debug, thiserror::Error)]
+pub enum CompileError {
+    #[error(transparent)]
+    Recipe(#[from] RecipeError),
+    #[error(transparent)]
+    Model(#[from] ModelError),
+    #[error("after pass `{pass}`: {source}")]
+    Pass {
+        pass: String,
+        #[source]
+        source: Box<GraphError>,
+    },
+}
+
+/// What the compiler needs besides the recipe and the model.
+#[derive(Debug, Clone, Default)]
+pub struct CompileOptions {
+    /// Apply the fusion pass (off = every rewrite runs on materialised probabilities).
+    pub fuse: bool,
+    /// The number of denoising steps, needed when a rewrite has a step range.
+    pub steps: Option<usize>,
+    /// Token positions of the words a `Reweight(words: ...)` names, from a bound prompt. `None`:
+    /// words are accepted unbound (`rewire check`); `Some`: each word must be found.
+    pub words: Option<HashMap<String, Vec<usize>>>,
+    /// Reject word reweights when no prompt is bound (a forward that must run them).
+    pub require_bound_words: bool,
+}
+
+impl CompileOptions {
+    pub fn fused() -> Self {
+        CompileOptions {
+            fuse: true,
+            ..Default::default()
+        }
+    }
+}
+
+/// One rewrite landed on one layer.
+#[derive(Debug, Clone)]
+struct Landing {
+    rewrite: usize,
+    items: Vec<usize>,
+}
+
+/// What happened on one layer in one segment.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct LayerReport {
+    pub path: String,
+    /// Indices of the rewrites that landed, in the order they apply.
+    pub rewrites: Vec<usize>,
+    /// The ops, in order (`Reweight`, `Store`, ...).
+    pub ops: Vec<String>,
+    /// The fusion that fired, or why none could.
+    pub fusion: String,
+    /// Batch items whose probabilities are materialised (empty when fused).
+    pub materialised: Vec<usize>,
+}
+
+/// The graph of one step segment.
+#[derive(Debug, Clone)]
+pub struct Segment {
+    /// Half-open step range, `None` for a recipe without step ranges (all steps).
+    pub steps: Option<(usize, usize)>,
+    pub graph: Graph,
+    pub layers: Vec<LayerReport>,
+    /// The passes' patch labels, in order.
+    pub patches: Vec<String>,
+}
+
+/// A compiled recipe: the untouched graph and one rewritten graph per step segment.
+#[derive(Debug, Clone)]
+pub struct Compiled {
+    pub recipe: String,
+    pub spec: InputSpec,
+    pub steps: Option<usize>,
+    pub base: Graph,
+    pub segments: Vec<Segment>,
+    /// Rewrites that name words still to be bound to a prompt.
+    pub unbound_words: Vec<usize>,
+}
+
+impl Compiled {
+    /// The segment for step `i` of the run.
+    pub fn segment_for(&self, i: usize) -> Option<&Segment> {
+        self.segments.iter().find(|s| match s.steps {
+            None => true,
+            Some((a, b)) => a <= i && i < b,
+        })
+    }
+}
+
+fn layer_facts(g: &Graph) -> Vec<(NodeIndex, String, AttnInfo)> {
+    g.attention_layers()
+        .into_iter()
+        .map(|(n, p, a)| (n, p.to_string(), a.clone()))
+        .collect()
+}
+
+/// Validates a recipe against a model for an input spec and compiles it.
+pub fn compile(
+    src: &Source,
+    unet: &UNet,
+    spec: InputSpec,
+    opts: &CompileOptions,
+) -> Result<Compiled, CompileError> {
+    let base = unet.graph(spec)?;
+    compile_graph(src, &base, opts)
+}
+
+/// As [`compile`], on an already built and checked graph.
+pub fn compile_graph(
+    src: &Source,
+    base: &Graph,
+    opts: &CompileOptions,
+) -> Result<Compiled, CompileError> {
+    let spec = base.spec;
+    let layers = layer_facts(base);
+    let recipe = &src.recipe;
+    let text_len = spec.text_len;
+    let mut unbound_words = Vec::new();
+
+    // ---- validate each rewrite on its own, and find where it lands ----
+    let mut landings: BTreeMap<String, Vec<Landing>> = BTreeMap::new();
+    let mut weights: Vec<Option<Vec<f32>>> = vec![None; recipe.rewrites.len()];
+    for (i, rw) in recipe.rewrites.iter().enumerate() {
+        let sel = &rw.select;
+        for (field, globs) in [("paths", &sel.paths), ("exclude", &sel.exclude)] {
+            for (j, g) in globs.iter().enumerate() {
+                let path = at(i, &[Seg::Field("select"), Seg::Field(field), Seg::Index(j)]);
+                let glob = select::Glob::new(g).map_err(|e| {
+                    src.error(
+                        &path,
+                        "bad-glob",
+                        format!("invalid glob \"{g}\": {e}"),
+                        "globs use * and ? (e.g. \"up_blocks.*\", \"*.attn2\")",
+                    )
+                })?;
+                if !select::plausible(&glob) {
+                    return Err(src
+                        .error(
+                            &path,
+                            "bad-glob",
+                            format!("glob \"{g}\" cannot match any diffusers attention path"),
+                            "attention paths look like down_blocks.0.attentions.1.transformer_blocks.0.attn2 \
+                             (down_blocks / mid_block / up_blocks, attn1 = self, attn2 = cross); \
+                             a glob must match the whole path, e.g. \"up_blocks.*\" or \"*.attn2\"",
+                        )
+                        .into());
+                }
+            }
+        }
+        let view: Vec<select::Layer> = layers
+            .iter()
+            .map(|(_, p, a)| select::Layer { path: p, info: a })
+            .collect();
+        let chosen = select::select(sel, &view).map_err(|empty| {
+            let all: Vec<&str> = layers.iter().map(|(_, p, _)| p.as_str()).collect();
+            let near = match sel.paths.first() {
+                Some(g) => select::nearest(g, &all, 3),
+                None => all.iter().take(3).copied().collect(),
+            };
+            src.error(
+                &at(i, &[Seg::Field("select")]),
+                "no-match",
+                format!(
+                    "selector matches no attention layer of this model (`{}` removed the last {} candidate{})",
+                    empty.criterion,
+                    empty.removed,
+                    if empty.removed == 1 { "" } else { "s" }
+                ),
+                format!(
+                    "nearest real paths: {}; `rewire inspect MODEL` lists all {} layers",
+                    near.join(", "),
+                    layers.len()
+                ),
+            )
+        })?;
+
+        // steps
+        if let Some(steps) = rw.steps {
+            let p = at(i, &[Seg::Field("steps")]);
+            match steps {
+                Steps::Fraction(a, b)
+                    if !(0.0..=1.0).contains(&a) || !(0.0..=1.0).contains(&b) || a >= b =>
+                {
+                    return Err(src
+                        .error(
+                            &p,
+                            "steps",
+                            format!("step fractions ({a}, {b}) are not a range inside [0, 1]"),
+                            "write Fraction(start, end) with 0 ≤ start < end ≤ 1",
+                        )
+                        .into());
+                }
+                Steps::Indices(a, b) if a >= b => {
+                    return Err(src
+                        .error(
+                            &p,
+                            "steps",
+                            format!("step range Indices({a}, {b}) is empty"),
+                            "Indices(start, end) is half-open: Indices(0, 2) is steps 0 and 1",
+                        )
+                        .into());
+                }
+                _ => {}
+            }
+            match opts.steps {
+                None => {}
+                Some(n) => {
+                    let (a, b) = steps.range(n);
+                    if b > n || a >= b {
+                        return Err(src
+                            .error(
+                                &p,
+                                "steps",
+                                format!("steps {a}..{b} are outside the run of {n} steps"),
+                                format!("a {n}-step run has steps 0..{n}; use Indices(start, end) with end ≤ {n}, or Fraction(...)"),
+                            )
+                            .into());
+                    }
+                }
+            }
+        }
+
+        // branch
+        let branch_items = rw.branch.items(spec.batch);
+        if branch_items.is_empty() {
+            return Err(src
+                .error(
+                    &at(i, &[Seg::Field("branch")]),
+                    "branch",
+                    format!(
+                        "branch {:?} is empty in a batch of {}",
+                        rw.branch, spec.batch
+                    ),
+                    "a batch of 1 has no unconditional half; use Cond or Both",
+                )
+                .into());
+        }
+
+        let op_path = at(i, &[Seg::Field("op")]);
+        let kind_path = if src.written(&at(i, &[Seg::Field("select"), Seg::Field("kind")])) {
+            at(i, &[Seg::Field("select"), Seg::Field("kind")])
+        } else {
+            op_path.clone()
+        };
+        let mut items = branch_items.clone();
+        let mut chosen = chosen;
+        match &rw.op {
+            RewriteOp::Reweight { tokens, words, .. } => {
+                if let Some(&j) = chosen
+                    .iter()
+                    .find(|&&j| layers[j].2.kind == AttnKind::SelfAttn)
+                {
+                    let n = chosen
+                        .iter()
+                        .filter(|&&j| layers[j].2.kind == AttnKind::SelfAttn)
+                        .count();
+                    return Err(src
+                        .error(
+                            &kind_path,
+                            "self-attention",
+                            format!(
+                                "Reweight acts on cross-attention (one weight per prompt token) but the selection includes {n} self-attention layer{} (e.g. {})",
+                                if n == 1 { "" } else { "s" },
+                                layers[j].1
+                            ),
+                            "add kind: Some(Cross) to the select",
+                        )
+                        .into());
+                }
+                if tokens.is_empty() && words.is_empty() {
+                    return Err(src
+                        .error(
+                            &op_path,
+                            "empty",
+                            "Reweight names no token and no word",
+                            "write Reweight(tokens: {2: 2.5}) or Reweight(words: {\"cat\": 2.0})",
+                        )
+                        .into());
+                }
+                let mut w = vec![1.0f32; text_len];
+                for (&t, &x) in tokens {
+                    let p = at(
+                        i,
+                        &[
+                            Seg::Field("op"),
+                            Seg::Field("tokens"),
+                            Seg::Key(t.to_string()),
+                        ],
+                    );
+                    if t >= text_len {
+                        return Err(src
+                            .error(&p, "token-range", format!("token index {t} is outside the text of {text_len} tokens"), format!("token positions run 0..{text_len}; position 0 is the start token, the prompt's words start at 1"))
+                            .into());
+                    }
+                    if !(x.is_finite() && x >= 0.0) {
+                        return Err(src
+                            .error(
+                                &p,
+                                "weight",
+                                format!("weight {x} for token {t} is not a finite number ≥ 0"),
+                                "attention weights scale probabilities: use values ≥ 0",
+                            )
+                            .into());
+                    }
+                    w[t] *= x;
+                }
+                for (word, &x) in words {
+                    let p = at(
+                        i,
+                        &[
+                            Seg::Field("op"),
+                            Seg::Field("words"),
+                            Seg::Key(word.clone()),
+                        ],
+                    );
+                    if !(x.is_finite() && x >= 0.0) {
+                        return Err(src
+                            .error(
+                                &p,
+                                "weight",
+                                format!("weight {x} for \"{word}\" is not a finite number ≥ 0"),
+                                "attention weights scale probabilities: use values ≥ 0",
+                            )
+                            .into());
+                    }
+                    match &opts.words {
+                        Some(map) => match map.get(word) {
+                            Some(pos) if !pos.is_empty() => {
+                                for &t in pos {
+                                    if t < text_len {
+                                        w[t] *= x;
+                                    }
+                                }
+                            }
+                            _ => {
+                                return Err(src
+                                    .error(
+                                        &p,
+                                        "word",
+                                        format!("word \"{word}\" is not in the prompt"),
+                                        format!("the prompt's words are: {}", {
+                                            let mut k: Vec<&String> = map.keys().collect();
+                                            k.sort();
+                                            k.iter()
+                                                .map(|s| s.as_str())
+                                                .collect::<Vec<_>>()
+                                                .join(", ")
+                                        }),
+                                    )
+                                    .into());
+                            }
+                        },
+                        None if opts.require_bound_words => {
+                            return Err(src
+                                .error(&p, "unbound-words", format!("Reweight by word (\"{word}\") needs a prompt to find the word's tokens"), "give a prompt (rewire run --prompt ...) or use tokens: {POSITION: WEIGHT}")
+                                .into());
+                        }
+                        None => {
+                            if !unbound_words.contains(&i) {
+                                unbound_words.push(i);
+                            }
+                        }
+                    }
+                }
+                weights[i] = Some(w);
+            }
+            RewriteOp::Store { max_queries, .. } => {
+                if let Some(m) = max_queries {
+                    chosen.retain(|&j| layers[j].2.queries <= *m);
+                    if chosen.is_empty() {
+                        return Err(src
+                            .error(
+                                &at(i, &[Seg::Field("op"), Seg::Field("max_queries")]),
+                                "no-match",
+                                format!(
+                                    "Store's max_queries: {m} leaves none of the selected layers"
+                                ),
+                                "raise max_queries or select layers with fewer queries",
+                            )
+                            .into());
+                    }
+                }
+            }
+            RewriteOp::ReplaceMaps {
+                from,
+                to,
+                self_max_queries,
+            } => {
+                for (name, item) in [("from", from), ("to", to)] {
+                    if item.0 >= spec.batch {
+                        return Err(src
+                            .error(
+                                &at(i, &[Seg::Field("op"), Seg::Field(name)]),
+                                "batch-item",
+                                format!(
+                                    "BatchItem({}) is outside the batch of {}",
+                                    item.0, spec.batch
+                                ),
+                                format!(
+                                    "batch items run 0..{} in diffusers order [uncond..., cond...]",
+                                    spec.batch
+                                ),
+                            )
+                            .into());
+                    }
+                    if !branch_items.contains(&item.0) {
+                        return Err(src
+                            .error(
+                                &at(i, &[Seg::Field("op"), Seg::Field(name)]),
+                                "batch-item",
+                                format!(
+                                    "BatchItem({}) is not in the {:?} branch (items {:?})",
+                                    item.0, rw.branch, branch_items
+                                ),
+                                "set branch: Both to reach any item, or pick an item of the branch",
+                            )
+                            .into());
+                    }
+                }
+                if from == to {
+                    return Err(src
+                        .error(
+                            &op_path,
+                            "batch-item",
+                            "ReplaceMaps from and to are the same item",
+                            "replace one prompt's maps with another's",
+                        )
+                        .into());
+                }
+                let selfs: Vec<usize> = chosen
+                    .iter()
+                    .copied()
+                    .filter(|&j| layers[j].2.kind == AttnKind::SelfAttn)
+                    .collect();
+                match self_max_queries {
+                    None if !selfs.is_empty() => {
+                        return Err(src
+                            .error(
+                                &kind_path,
+                                "self-attention",
+                                format!("ReplaceMaps would replace self-attention maps on {} layer{} (e.g. {}) but self_max_queries is not set", selfs.len(), if selfs.len() == 1 { "" } else { "s" }, layers[selfs[0]].1),
+                                "add kind: Some(Cross), or set self_max_queries: Some(N) to replace self-attention maps on layers with at most N queries (prompt-to-prompt: 16×16 = 256 on SD's 64×64 latents)",
+                            )
+                            .into());
+                    }
+                    Some(m) => chosen.retain(|&j| {
+                        layers[j].2.kind == AttnKind::Cross || layers[j].2.queries <= *m
+                    }),
+                    None => {}
+                }
+                if chosen.is_empty() {
+                    return Err(src
+                        .error(
+                            &op_path,
+                            "no-match",
+                            "ReplaceMaps' self_max_queries leaves none of the selected layers",
+                            "raise self_max_queries",
+                        )
+                        .into());
+                }
+                items = vec![from.0, to.0];
+            }
+        }
+        for j in chosen {
+            landings
+                .entry(layers[j].1.clone())
+                .or_default()
+                .push(Landing {
+                    rewrite: i,
+                    items: items.clone(),
+                });
+        }
+    }
+
+    // ---- step segments ----
+    let ranged: Vec<usize> = (0..recipe.rewrites.len())
+        .filter(|&i| recipe.rewrites[i].steps.is_some())
+        .collect();
+    let segments: Vec<Option<(usize, usize)>> = if ranged.is_empty() {
+        vec![None]
+    } else {
+        let Some(n) = opts.steps else {
+            return Err(src
+                .error(
+                    &at(ranged[0], &[Seg::Field("steps")]),
+                    "steps",
+                    "this recipe has step ranges, so it needs the length of the run",
+                    "give the number of denoising steps (--steps N, and --step I for one forward)",
+                )
+                .into());
+        };
+        let mut cuts: BTreeSet<usize> = [0, n].into();
+        for &i in &ranged {
+            let (a, b) = recipe.rewrites[i].steps.expect("ranged").range(n);
+            cuts.insert(a.min(n));
+            cuts.insert(b.min(n));
+        }
+        let cuts: Vec<usize> = cuts.into_iter().collect();
+        let mut segs: Vec<(usize, usize, Vec<bool>)> = Vec::new();
+        for w in cuts.windows(2) {
+            let active: Vec<bool> = recipe
+                .rewrites
+                .iter()
+                .map(|r| {
+                    r.steps.is_none_or(|s| {
+                        let (a, b) = s.range(n);
+                        a <= w[0] && w[1] <= b
+                    })
+                })
+                .collect();
+            match segs.last_mut() {
+                Some(last) if last.2 == active => last.1 = w[1],
+                _ => segs.push((w[0], w[1], active)),
+            }
+        }
+        segs.into_iter().map(|(a, b, _)| Some((a, b))).collect()
+    };
+
+    // ---- order: two rewrites on one layer whose order matters must state it ----
+    for (path, ls) in &landings {
+        for (x, a) in ls.iter().enumerate() {
+            for b in &ls[x + 1..] {
+                let (ra, rb) = (&recipe.rewrites[a.rewrite], &recipe.rewrites[b.rewrite]);
+                if !order_matters(&ra.op, &rb.op) || a.items.iter().all(|i| !b.items.contains(i)) {
+                    continue;
+                }
+                if !overlap_in_time(ra.steps, rb.steps, opts.steps) {
+                    continue;
+                }
+                match (ra.order, rb.order) {
+                    (Some(p), Some(q)) if p != q => {}
+                    _ => {
+                        return Err(src
+                            .error(
+                                &at(b.rewrite, &[]),
+                                "order",
+                                format!(
+                                    "rewrites {} ({}) and {} ({}) both act on {path} and their order matters",
+                                    a.rewrite, ra.op.name(), b.rewrite, rb.op.name()
+                                ),
+                                "state it: add order: Some(0) to the one that applies first and order: Some(1) to the other",
+                            )
+                            .into());
+                    }
+                }
+            }
+        }
+    }
+
+    // ---- apply and fuse, per segment ----
+    let mut out = Vec::new();
+    for seg in segments {
+        let mut graph = base.clone();
+        let mut reports = Vec::new();
+        let mut patches = Vec::new();
+        for (node, path, info) in layer_facts(base) {
+            let Some(ls) = landings.get(&path) else {
+                continue;
+            };
+            let mut active: Vec<&Landing> = ls
+                .iter()
+                .filter(
+                    |l| match (seg, recipe.rewrites[l.rewrite].steps, opts.steps) {
+                        (Some((a, b)), Some(s), Some(n)) => {
+                            let (x, y) = s.range(n);
+                            x <= a && b <= y
+                        }
+                        _ => true,
+                    },
+                )
+                .collect();
+            if active.is_empty() {
+                continue;
+            }
+            active.sort_by_key(|l| (recipe.rewrites[l.rewrite].order.unwrap_or(0), l.rewrite));
+            let patch = apply_layer(&graph, node, &path, &info, &active, src, &weights);
+            graph.apply(&patch).map_err(|e| CompileError::Pass {
+                pass: patch.label.clone(),
+                source: Box::new(e),
+            })?;
+            graph.check(None).map_err(|e| CompileError::Pass {
+                pass: patch.label.clone(),
+                source: Box::new(e),
+            })?;
+            patches.push(patch.label.clone());
+            let mut items: BTreeSet<usize> = BTreeSet::new();
+            for l in &active {
+                items.extend(&l.items);
+            }
+            reports.push(LayerReport {
+                path: path.clone(),
+                rewrites: active.iter().map(|l| l.rewrite).collect(),
+                ops: active
+                    .iter()
+                    .map(|l| recipe.rewrites[l.rewrite].op.name().to_string())
+                    .collect(),
+                fusion: if opts.fuse {
+                    String::new()
+                } else {
+                    "none: fusion is off (--no-fuse)".into()
+                },
+                materialised: items.into_iter().collect(),
+            });
+        }
+        if opts.fuse {
+            for r in reports.iter_mut() {
+                let (fusion, patch) = fuse_layer(&graph, &r.path, base);
+                r.fusion = fusion;
+                if let Some(patch) = patch {
+                    graph.apply(&patch).map_err(|e| CompileError::Pass {
+                        pass: patch.label.clone(),
+                        source: Box::new(e),
+                    })?;
+                    graph.check(None).map_err(|e| CompileError::Pass {
+                        pass: patch.label.clone(),
+                        source: Box::new(e),
+                    })?;
+                    patches.push(patch.label.clone());
+                    r.materialised.clear();
+                }
+            }
+        }
+        out.push(Segment {
+            steps: seg,
+            graph,
+            layers: reports,
+            patches,
+        });
+    }
+    Ok(Compiled {
+        recipe: recipe.name.clone(),
+        spec,
+        steps: opts.steps,
+        base: base.clone(),
+        segments: out,
+        unbound_words,
+    })
+}
+
+fn order_matters(a: &RewriteOp, b: &RewriteOp) -> bool {
+    use RewriteOp::*;
+    !matches!(
+        (a, b),
+        (
+            Reweight {
+                renormalize: false,
+                ..
+            },
+            Reweight {
+                renormalize: false,
+                ..
+            }
+        ) | (Store { .. }, Store { .. })
+    )
+}
+
+fn overlap_in_time(a: Option<Steps>, b: Option<Steps>, n: Option<usize>) -> bool {
+    match (a, b, n) {
+        (Some(a), Some(b), Some(n)) => {
+            let ((a0, a1), (b0, b1)) = (a.range(n), b.range(n));
+            a0 < b1 && b0 < a1
+        }
+        _ => true,
+    }
+}
+
+/// The apply pass for one layer: the attention node becomes probabilities for the items the
+/// rewrites touch, the rewrites' nodes in order, and a mixed attention output.
+fn apply_layer(
+    g: &Graph,
+    node: NodeIndex,
+    path: &str,
+    info: &AttnInfo,
+    active: &[&Landing],
+    src: &Source,
+    weights: &[Option<Vec<f32>>],
+) -> Patch {
+    let ins = g.inputs_of(node);
+    let (q, k, v) = (Src::Old(ins[0]), Src::Old(ins[1]), Src::Old(ins[2]));
+    let mut items: BTreeSet<usize> = BTreeSet::new();
+    for l in active {
+        items.extend(&l.items);
+    }
+    let items: Vec<usize> = items.into_iter().collect();
+    let row = |item: usize| {
+        items
+            .iter()
+            .position(|&i| i == item)
+            .expect("item in union")
+    };
+    let names: Vec<String> = active
+        .iter()
+        .map(|l| {
+            format!(
+                "{} (rewrite {})",
+                src.recipe.rewrites[l.rewrite].op.name(),
+                l.rewrite
+            )
+        })
+        .collect();
+    let mut patch = Patch::new(format!("apply {} on {path}", names.join(", ")));
+    let heads = info.heads;
+    let mut p = patch.add(
+        path,
+        Op::AttnProbs {
+            heads,
+            items: items.clone(),
+        },
+        &[q, k],
+    );
+    let keys = info.keys;
+    for l in active {
+        match &src.recipe.rewrites[l.rewrite].op {
+            RewriteOp::Reweight { renormalize, .. } => {
+                let w = weights[l.rewrite].as_ref().expect("weights resolved");
+                let mut all = vec![1.0f32; items.len() * keys];
+                let mut renorm = vec![false; items.len()];
+                for &it in &l.items {
+                    let r = row(it);
+                    all[r * keys..(r + 1) * keys].copy_from_slice(&w[..keys]);
+                    renorm[r] = *renormalize;
+                }
+                p = patch.add(
+                    path,
+                    Op::ProbsReweight {
+                        keys,
+                        weights: all,
+                        renormalize: renorm,
+                    },
+                    &[p],
+                );
+            }
+            RewriteOp::ReplaceMaps { from, to, .. } => {
+                p = patch.add(
+                    path,
+                    Op::ProbsReplace {
+                        from: row(from.0),
+                        to: row(to.0),
+                    },
+                    &[p],
+                );
+            }
+            RewriteOp::Store { what, .. } => {
+                let rows: Vec<usize> = l.items.iter().map(|&i| row(i)).collect();
+                let s = patch.add(
+                    path,
+                    Op::ProbsStore {
+                        rows,
+                        head_mean: *what == crate::recipe::StoreWhat::HeadMean,
+                    },
+                    &[p],
+                );
+                patch.add(
+                    "",
+                    Op::Output {
+                        name: format!("probs.{path}"),
+                    },
+                    &[s],
+                );
+            }
+        }
+    }
+    let mix = patch.add(path, Op::AttnMix { heads, items }, &[q, k, v, p]);
+    patch.reroute.push((node, mix));
+    patch.remove.push(node);
+    patch
+}
+
+/// The fuse pass for one layer: a chain of reweights alone becomes a V row scale and/or a
+/// score bias folded into Q/K around the fused attention. Returns what fired or why not.
+fn fuse_layer(g: &Graph, path: &str, base: &Graph) -> (String, Option<Patch>) {
+    let mix =
+        g.g.node_indices()
+            .find(|&n| g.g[n].path == path && matches!(g.g[n].op, Op::AttnMix { .. }));
+    let Some(mix) = mix else {
+        return ("none: no materialised attention on this layer".into(), None);
+    };
+    let Op::AttnMix { items, .. } = &g.g[mix].op else {
+        unreachable!()
+    };
+    let items = items.clone();
+    let ins = g.inputs_of(mix);
+    // Walk the probability chain back to AttnProbs.
+    let mut chain = Vec::new();
+    let mut cur = ins[3];
+    loop {
+        let n = &g.g[cur];
+        let consumers = g.g.neighbors_directed(cur, Direction::Outgoing).count();
+        if consumers > 1 {
+            return (
+                format!(
+                    "none: probabilities are materialised for items {items:?} because a Store records them"
+                ),
+                None,
+            );
+        }
+        match &n.op {
+            Op::AttnProbs { .. } => {
+                chain.push(cur);
+                break;
+            }
+            Op::ProbsReplace { .. } => {
+                return (
+                    format!("none: ReplaceMaps needs the probabilities of items {items:?}"),
+                    None,
+                );
+            }
+            Op::ProbsReweight { .. } => {
+                chain.push(cur);
+                cur = g.inputs_of(cur)[0];
+            }
+            other => {
+                return (
+                    format!("none: unexpected {} in the chain", other.name()),
+                    None,
+                );
+            }
+        }
+    }
+    chain.reverse(); // AttnProbs first
+    let b = g.spec.batch;
+    let info = base
+        .attention_layers()
+        .into_iter()
+        .find(|(_, p, _)| *p == path)
+        .map(|(_, _, a)| a.clone())
+        .expect("layer exists in the base graph");
+    let keys = info.keys;
+    let mut scale = vec![1.0f32; b * keys];
+    let mut bias = vec![0.0f32; b * keys];
+    for &n in &chain[1..] {
+        let Op::ProbsReweight {
+            weights,
+            renormalize,
+            ..
+        } = &g.g[n].op
+        else {
+            unreachable!()
+        };
+        for (r, &item) in items.iter().enumerate() {
+            for j in 0..keys {
+                let w = weights[r * keys + j];
+                let s = &mut scale[item * keys + j];
+                if renormalize[r] {
+                    // renorm(renorm(P·e^β)·s·w) = softmax(scores + β + log(s·w))
+                    bias[item * keys + j] += (*s * w).max(1e-30).ln();
+                    *s = 1.0;
+                } else {
+                    *s *= w;
+                }
+            }
+        }
+    }
+    let ins = g.inputs_of(mix);
+    let (q, k, v) = (Src::Old(ins[0]), Src::Old(ins[1]), Src::Old(ins[2]));
+    let has_scale = scale.iter().any(|&s| s != 1.0);
+    let has_bias = bias.iter().any(|&x| x != 0.0);
+    let mut what = Vec::new();
+    let mut patch = Patch::new(format!("fuse reweights on {path}"));
+    let v = if has_scale {
+        what.push("non-renormalised reweight → V rows scaled (P·diag(w)·V = P·(w⊙V))");
+        patch.add(
+            path,
+            Op::ScaleKeys {
+                keys,
+                weights: scale,
+            },
+            &[v],
+        )
+    } else {
+        v
+    };
+    let (q, k) = if has_bias {
+        what.push("renormalised reweight → log w score bias folded into Q/K");
+        (
+            patch.add(path, Op::AugmentQ { heads: info.heads }, &[q]),
+            patch.add(
+                path,
+                Op::AugmentK {
+                    heads: info.heads,
+                    keys,
+                    bias,
+                },
+                &[k],
+            ),
+        )
+    } else {
+        (q, k)
+    };
+    let att = patch.add(path, Op::Attention(info), &[q, k, v]);
+    patch.reroute.push((mix, att));
+    patch.remove.push(mix);
+    patch.remove.extend(chain);
+    if what.is_empty() {
+        what.push("reweights cancel out (all weights 1)");
+    }
+    (
+        format!("fused: {}; fused attention kernel kept", what.join("; ")),
+        Some(patch),
+    )
+}

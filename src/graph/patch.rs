@@ -1,0 +1,85 @@
+//! Patches: what a pass returns instead of mutating the graph itself. A patch adds nodes (fed by
+//! existing or new nodes), reroutes the consumers of old nodes to new ones, and removes nodes
+//! left without consumers. [`Graph::apply`] applies one; the pass runner checks the graph after
+//! each.
+
+use super::{Graph, GraphError, Op, Wire};
+use petgraph::Direction;
+use petgraph::stable_graph::NodeIndex;
+use petgraph::visit::EdgeRef;
+
+/// A node a patch reads: one already in the graph, or one the patch adds (by its position).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Src {
+    Old(NodeIndex),
+    New(usize),
+}
+
+/// A set of graph edits, applied together.
+#[derive(Debug, Clone, Default)]
+pub struct Patch {
+    /// What the patch does, for listings (`apply Reweight (rewrite 0)`, `fuse: ...`).
+    pub label: String,
+    /// New nodes in order: path, op, inputs in port order.
+    pub nodes: Vec<(String, Op, Vec<Src>)>,
+    /// Every consumer of the first node (outside this patch) reads the second instead.
+    pub reroute: Vec<(NodeIndex, Src)>,
+    /// Nodes to remove; they must have no consumers left once rerouted.
+    pub remove: Vec<NodeIndex>,
+}
+
+impl Patch {
+    pub fn new(label: impl Into<String>) -> Self {
+        Patch {
+            label: label.into(),
+            ..Default::default()
+        }
+    }
+
+    /// Adds a node and returns how to refer to it.
+    pub fn add(&mut self, path: impl Into<String>, op: Op, inputs: &[Src]) -> Src {
+        self.nodes.push((path.into(), op, inputs.to_vec()));
+        Src::New(self.nodes.len() - 1)
+    }
+}
+
+impl Graph {
+    /// Applies a patch; returns the indices of the nodes it added.
+    pub fn apply(&mut self, patch: &Patch) -> Result<Vec<NodeIndex>, GraphError> {
+        let mut added: Vec<NodeIndex> = Vec::with_capacity(patch.nodes.len());
+        let resolve = |s: Src, added: &[NodeIndex]| match s {
+            Src::Old(n) => n,
+            Src::New(i) => added[i],
+        };
+        for (path, op, inputs) in &patch.nodes {
+            let ins: Vec<NodeIndex> = inputs.iter().map(|&s| resolve(s, &added)).collect();
+            let id = self.add(path.clone(), op.clone(), &ins)?;
+            added.push(id);
+        }
+        for &(old, new) in &patch.reroute {
+            let new = resolve(new, &added);
+            let shape = self.g[new].shape.clone();
+            let edges: Vec<_> = self
+                .g
+                .edges_directed(old, Direction::Outgoing)
+                .filter(|e| !added.contains(&e.target()))
+                .map(|e| (e.id(), e.target(), e.weight().port))
+                .collect();
+            for (e, target, port) in edges {
+                self.g.remove_edge(e);
+                self.g.add_edge(
+                    new,
+                    target,
+                    Wire {
+                        port,
+                        shape: shape.clone(),
+                    },
+                );
+            }
+        }
+        for &n in &patch.remove {
+            self.g.remove_node(n);
+        }
+        Ok(added)
+    }
+}

@@ -1,0 +1,323 @@
+//! The recipe language: a `.ron` file naming a list of rewrites, each selecting attention layers
+//! (path globs, kind, place, query bounds), a step range and a CFG branch, and an op. Parsing keeps
+//! source positions so that every error says `recipe.ron:LINE:COL`, what is wrong and what to do.
+//! The grammar is documented in `docs/recipes.md`.
+//!
+//! Try it: `rewire check rewrites/reweight.ron --model models/tiny-sd`.
+
+pub mod select;
+pub mod spans;
+
+use serde::{Deserialize, Serialize};
+use spans::{Node, Pos, Seg};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+/// Errors in a recipe, located in its source.
+#[derive(Debug, thiserror::Error)]
+pub enum RecipeError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{}:{line}:{col}: {message}\n  hint: {hint}", file.display())]
+    At {
+        file: PathBuf,
+        line: usize,
+        col: usize,
+        /// A stable name for the problem, for programs (`no-match`, `bad-glob`, ...).
+        code: &'static str,
+        message: String,
+        hint: String,
+    },
+}
+
+impl RecipeError {
+    /// The problem's code, if located.
+    pub fn code(&self) -> Option<&'static str> {
+        match self {
+            RecipeError::At { code, .. } => Some(code),
+            _ => None,
+        }
+    }
+}
+
+/// A recipe: a name and its rewrites, applied in order.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Recipe {
+    pub name: String,
+    #[serde(default)]
+    pub rewrites: Vec<Rewrite>,
+}
+
+/// One rewrite: where, when, on which half of the batch, and what.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Rewrite {
+    #[serde(default)]
+    pub select: Select,
+    #[serde(default)]
+    pub steps: Option<Steps>,
+    #[serde(default)]
+    pub branch: Branch,
+    pub op: RewriteOp,
+    /// Explicit order among rewrites landing on one layer whose order matters (lower first).
+    #[serde(default)]
+    pub order: Option<i32>,
+}
+
+/// Which attention layers a rewrite applies to. Every given criterion must hold; an empty
+/// `Select()` selects every attention layer.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Select {
+    /// Globs over diffusers paths (`*` matches any run of characters, dots included).
+    #[serde(default)]
+    pub paths: Vec<String>,
+    #[serde(default)]
+    pub exclude: Vec<String>,
+    #[serde(default)]
+    pub kind: Option<Kind>,
+    #[serde(default)]
+    pub place: Vec<PlaceSel>,
+    #[serde(default)]
+    pub max_queries: Option<usize>,
+    #[serde(default)]
+    pub min_queries: Option<usize>,
+    /// Only layers whose query grid is the latent downsampled at most this many times (1 = full
+    /// resolution), like tomesd's max_downsample.
+    #[serde(default)]
+    pub max_downsample: Option<usize>,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+pub enum Kind {
+    #[serde(rename = "Self")]
+    SelfAttn,
+    Cross,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+pub enum PlaceSel {
+    Down,
+    Mid,
+    Up,
+}
+
+/// A denoising step range, half-open: `Indices(0, 2)` is steps 0 and 1; `Fraction(0.0, 0.4)` is
+/// steps `floor(0.0·N) .. floor(0.4·N)` of an N-step run.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq)]
+pub enum Steps {
+    Indices(usize, usize),
+    Fraction(f64, f64),
+}
+
+impl Steps {
+    /// The half-open range of step indices in an `n`-step run.
+    pub fn range(&self, n: usize) -> (usize, usize) {
+        match *self {
+            Steps::Indices(a, b) => (a, b),
+            Steps::Fraction(a, b) => (
+                (a * n as f64 + 1e-9).floor() as usize,
+                (b * n as f64 + 1e-9).floor() as usize,
+            ),
+        }
+    }
+}
+
+/// Which half of a classifier-free-guidance batch (diffusers order: `[uncond..., cond...]`).
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub enum Branch {
+    #[default]
+    Cond,
+    Uncond,
+    Both,
+}
+
+impl Branch {
+    /// The batch items of this branch in a batch of `b` (a batch of 1 is all cond).
+    pub fn items(&self, b: usize) -> Vec<usize> {
+        if b == 1 {
+            return match self {
+                Branch::Uncond => vec![],
+                _ => vec![0],
+            };
+        }
+        let half = b / 2;
+        match self {
+            Branch::Cond => (half..b).collect(),
+            Branch::Uncond => (0..half).collect(),
+            Branch::Both => (0..b).collect(),
+        }
+    }
+}
+
+/// One item of the batch, by absolute index.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+pub struct BatchItem(pub usize);
+
+/// What a store records.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub enum StoreWhat {
+    /// `[heads, queries, keys]` per item.
+    #[default]
+    Probs,
+    /// The mean over heads, `[queries, keys]` per item.
+    HeadMean,
+}
+
+/// How a store combines the steps of a run.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub enum Reduce {
+    /// The last step's maps.
+    #[default]
+    Last,
+    /// The mean over the steps the rewrite is active in (prompt-to-prompt's AttentionStore).
+    Mean,
+    /// The sum over those steps.
+    Sum,
+}
+
+fn default_store_name() -> String {
+    "probs".into()
+}
+
+/// The op a rewrite inserts.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub enum RewriteOp {
+    /// prompt-to-prompt's equalizer: cross-attention probabilities multiplied per key token,
+    /// optionally renormalised per query row.
+    Reweight {
+        #[serde(default)]
+        tokens: BTreeMap<usize, f32>,
+        #[serde(default)]
+        words: BTreeMap<String, f32>,
+        #[serde(default)]
+        renormalize: bool,
+    },
+    /// Records attention probabilities as `probs.<layer path>`.
+    Store {
+        #[serde(default = "default_store_name")]
+        name: String,
+        #[serde(default)]
+        what: StoreWhat,
+        #[serde(default)]
+        reduce: Reduce,
+        #[serde(default)]
+        max_queries: Option<usize>,
+    },
+    /// prompt-to-prompt word swap: item `to` attends with item `from`'s probabilities.
+    ReplaceMaps {
+        from: BatchItem,
+        to: BatchItem,
+        /// Also replace self-attention maps, on layers with at most this many queries.
+        #[serde(default)]
+        self_max_queries: Option<usize>,
+    },
+}
+
+impl RewriteOp {
+    pub fn name(&self) -> &'static str {
+        match self {
+            RewriteOp::Reweight { .. } => "Reweight",
+            RewriteOp::Store { .. } => "Store",
+            RewriteOp::ReplaceMaps { .. } => "ReplaceMaps",
+        }
+    }
+}
+
+/// A parsed recipe with its source, for locating errors.
+#[derive(Debug, Clone)]
+pub struct Source {
+    pub file: PathBuf,
+    pub text: String,
+    pub recipe: Recipe,
+    tree: Option<Node>,
+}
+
+impl Source {
+    /// Reads and parses a recipe file.
+    pub fn load(path: &Path) -> Result<Source, RecipeError> {
+        let text = std::fs::read_to_string(path).map_err(|source| RecipeError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Source::parse(&text, path)
+    }
+
+    /// Parses recipe text; `file` names it in messages.
+    pub fn parse(text: &str, file: &Path) -> Result<Source, RecipeError> {
+        let recipe: Recipe = ron::from_str(text).map_err(|e| {
+            let hint = match &e.code {
+                ron::Error::NoSuchStructField { .. } | ron::Error::MissingStructField { .. } => {
+                    "see docs/recipes.md for the fields of each part of a recipe".to_string()
+                }
+                ron::Error::NoSuchEnumVariant { .. } => {
+                    "ops are Reweight, Store and ReplaceMaps; see docs/recipes.md".to_string()
+                }
+                _ => "see docs/recipes.md for the recipe grammar".to_string(),
+            };
+            RecipeError::At {
+                file: file.to_path_buf(),
+                line: e.position.line,
+                col: e.position.col,
+                code: "syntax",
+                message: e.code.to_string(),
+                hint,
+            }
+        })?;
+        Ok(Source {
+            file: file.to_path_buf(),
+            text: text.to_string(),
+            recipe,
+            tree: spans::parse(text),
+        })
+    }
+
+    /// The source position of the value at `path` (or the closest enclosing one).
+    pub fn pos(&self, path: &[Seg]) -> Pos {
+        self.tree
+            .as_ref()
+            .map(|t| t.locate(path))
+            .unwrap_or(Pos { line: 1, col: 1 })
+    }
+
+    /// Whether a value is written out at `path` (not defaulted).
+    pub fn written(&self, path: &[Seg]) -> bool {
+        self.tree.as_ref().is_some_and(|t| t.find(path).is_some())
+    }
+
+    /// A located error at `path`.
+    pub fn error(
+        &self,
+        path: &[Seg],
+        code: &'static str,
+        message: impl Into<String>,
+        hint: impl Into<String>,
+    ) -> RecipeError {
+        let p = self.pos(path);
+        RecipeError::At {
+            file: self.file.clone(),
+            line: p.line,
+            col: p.col,
+            code,
+            message: message.into(),
+            hint: hint.into(),
+        }
+    }
+
+    /// A fingerprint of the recipe text.
+    pub fn fingerprint(&self) -> String {
+        use sha2::Digest;
+        format!("{:x}", sha2::Sha256::digest(self.text.as_bytes()))
+    }
+}
+
+/// The path of rewrite `i`'s field, for locating errors.
+pub fn at(i: usize, rest: &[Seg]) -> Vec<Seg> {
+    let mut v = vec![Seg::Field("rewrites"), Seg::Index(i)];
+    v.extend_from_slice(rest);
+    v
+}
