@@ -270,6 +270,11 @@ struct ForwardArgs {
 fn forward(a: ForwardArgs) -> Result<()> {
     let device = rewire::backend::device(&a.device)?;
     let unet = UNet::open(&a.model)?;
+    // A plan is checked against the model before anything else is read.
+    let plan_file = match &a.plan {
+        Some(p) => Some(PlanFile::load(p, &unet.fingerprint())?),
+        None => None,
+    };
     let given = rewire::io::read_forward_inputs(&a.inputs)?;
     let base = unet.graph(given.spec)?;
     let compiled = if let Some(r) = &a.recipe {
@@ -281,8 +286,7 @@ fn forward(a: ForwardArgs) -> Result<()> {
             require_bound_words: true,
         };
         Some(compile::compile_graph(&src, &base, &opts)?)
-    } else if let Some(p) = &a.plan {
-        let plan = PlanFile::load(p, &unet.fingerprint())?;
+    } else if let (Some(p), Some(plan)) = (&a.plan, &plan_file) {
         if plan.spec != given.spec {
             bail!(
                 "{}: the plan was compiled for {:?}, the inputs in {} are {:?}\n  hint: compile it again with --size/--batch matching the inputs",
@@ -359,6 +363,7 @@ fn compile_for(
     model: &Path,
     shape: &ShapeArgs,
     fuse: bool,
+    require_bound_words: bool,
 ) -> Result<(UNet, Source, compile::Compiled)> {
     let unet = UNet::open(model)?;
     let mut spec = spec_for(&unet, &shape.size, shape.batch)?;
@@ -368,7 +373,7 @@ fn compile_for(
         fuse,
         steps: shape.steps,
         words: None,
-        require_bound_words: false,
+        require_bound_words,
     };
     let c = compile::compile(&src, &unet, spec, &opts)?;
     Ok((unet, src, c))
@@ -415,8 +420,15 @@ fn explain(c: &compile::Compiled) {
     }
 }
 
-fn main() -> Result<()> {
+fn main() {
     let cli = Cli::parse();
+    if let Err(e) = run(cli) {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
     match cli.cmd {
         Cmd::Inspect {
             model,
@@ -466,7 +478,7 @@ fn main() -> Result<()> {
             model,
             shape,
         } => {
-            let (_, src, c) = compile_for(&recipe, &model, &shape, true)?;
+            let (_, src, c) = compile_for(&recipe, &model, &shape, true, false)?;
             let layers: std::collections::BTreeSet<&str> = c
                 .segments
                 .iter()
@@ -488,7 +500,7 @@ fn main() -> Result<()> {
             shape,
             no_fuse,
         } => {
-            let (_, _, c) = compile_for(&recipe, &model, &shape, !no_fuse)?;
+            let (_, _, c) = compile_for(&recipe, &model, &shape, !no_fuse, false)?;
             explain(&c);
             Ok(())
         }
@@ -499,7 +511,7 @@ fn main() -> Result<()> {
             shape,
             no_fuse,
         } => {
-            let (_, _, c) = compile_for(&recipe, &model, &shape, !no_fuse)?;
+            let (_, _, c) = compile_for(&recipe, &model, &shape, !no_fuse, false)?;
             match format {
                 Format::Text => print!("{}", diff::text(&c)),
                 Format::Dot => print!("{}", diff::dot(&c)),
@@ -515,7 +527,7 @@ fn main() -> Result<()> {
             no_fuse,
         } => {
             let t0 = std::time::Instant::now();
-            let (unet, src, c) = compile_for(&recipe, &model, &shape, !no_fuse)?;
+            let (unet, src, c) = compile_for(&recipe, &model, &shape, !no_fuse, true)?;
             let plan = PlanFile::new(&c, unet.fingerprint(), src.fingerprint());
             plan.save(&output)?;
             eprintln!(

@@ -219,6 +219,24 @@ impl TensorFiles {
         self.maps[e.file].0.clone()
     }
 
+    /// A fingerprint of the tensors: names, dtypes, shapes, and each tensor's first and last
+    /// 64 bytes of data (cheap on multi-GB checkpoints, and different for different weights).
+    pub fn fingerprint(&self) -> String {
+        use sha2::Digest;
+        let mut h = sha2::Sha256::new();
+        let mut names: Vec<&String> = self.entries.keys().collect();
+        names.sort();
+        for n in names {
+            let e = &self.entries[n];
+            h.update(n.as_bytes());
+            h.update(format!("{:?}{:?}", e.dtype, e.shape).as_bytes());
+            let bytes = &self.maps[e.file].1[e.start..e.end];
+            h.update(&bytes[..bytes.len().min(64)]);
+            h.update(&bytes[bytes.len().saturating_sub(64)..]);
+        }
+        format!("{:x}", h.finalize())
+    }
+
     /// Reads a tensor as f32 with its shape.
     pub fn read_f32(&self, name: &str) -> Result<(Vec<usize>, Vec<f32>), WeightError> {
         let e = self.entry(name)?;

@@ -633,7 +633,8 @@ pub fn compile_graph(
         }
         if opts.fuse {
             for r in reports.iter_mut() {
-                let (fusion, patch) = fuse_layer(&graph, &r.path, base);
+                let unbound = r.rewrites.iter().any(|i| unbound_words.contains(i));
+                let (fusion, patch) = fuse_layer(&graph, &r.path, base, unbound);
                 r.fusion = fusion;
                 if let Some(patch) = patch {
                     graph.apply(&patch).map_err(|e| CompileError::Pass {
@@ -797,7 +798,7 @@ fn apply_layer(
 
 /// The fuse pass for one layer: a chain of reweights alone becomes a V row scale and/or a
 /// score bias folded into Q/K around the fused attention. Returns what fired or why not.
-fn fuse_layer(g: &Graph, path: &str, base: &Graph) -> (String, Option<Patch>) {
+fn fuse_layer(g: &Graph, path: &str, base: &Graph, unbound_words: bool) -> (String, Option<Patch>) {
     let mix =
         g.g.node_indices()
             .find(|&n| g.g[n].path == path && matches!(g.g[n].op, Op::AttnMix { .. }));
@@ -882,7 +883,9 @@ fn fuse_layer(g: &Graph, path: &str, base: &Graph) -> (String, Option<Patch>) {
     }
     let ins = g.inputs_of(mix);
     let (q, k, v) = (Src::Old(ins[0]), Src::Old(ins[1]), Src::Old(ins[2]));
-    let has_scale = scale.iter().any(|&s| s != 1.0);
+    // Unbound word weights are 1 until a prompt binds them: keep the node they will fill.
+    let has_scale =
+        scale.iter().any(|&s| s != 1.0) || (unbound_words && !bias.iter().any(|&x| x != 0.0));
     let has_bias = bias.iter().any(|&x| x != 0.0);
     let mut what = Vec::new();
     let mut patch = Patch::new(format!("fuse reweights on {path}"));
@@ -923,8 +926,16 @@ fn fuse_layer(g: &Graph, path: &str, base: &Graph) -> (String, Option<Patch>) {
     if what.is_empty() {
         what.push("reweights cancel out (all weights 1)");
     }
+    let note = if unbound_words {
+        " (word weights bind to a prompt at run time)"
+    } else {
+        ""
+    };
     (
-        format!("fused: {}; fused attention kernel kept", what.join("; ")),
+        format!(
+            "fused: {}; fused attention kernel kept{note}",
+            what.join("; ")
+        ),
         Some(patch),
     )
 }

@@ -71,17 +71,12 @@ impl UNet {
         Ok(g)
     }
 
-    /// A fingerprint of the config and the weights' names and shapes (not their values).
+    /// A fingerprint of the resolved config and the weights (see [`TensorFiles::fingerprint`]).
     pub fn fingerprint(&self) -> String {
         use sha2::Digest;
         let mut h = sha2::Sha256::new();
         h.update(serde_json::to_string(&self.resolved).unwrap_or_default());
-        let mut names: Vec<&str> = self.weights.names().collect();
-        names.sort();
-        for n in names {
-            h.update(n);
-            h.update(format!("{:?}", self.weights.shape(n)));
-        }
+        h.update(self.weights.fingerprint());
         format!("{:x}", h.finalize())
     }
 }
