@@ -20,8 +20,12 @@ pub fn case(name: &str) -> PathBuf {
         .join(format!("{name}.safetensors"))
 }
 
+/// The device tests run on: `REWIRE_DEVICE` (flex, wgpu, cuda) or the default backend.
 pub fn device() -> burn::tensor::Device {
-    rewire::backend::default_device().expect("a backend is compiled in")
+    match std::env::var("REWIRE_DEVICE") {
+        Ok(name) => rewire::backend::device(&name).expect("REWIRE_DEVICE names a compiled backend"),
+        Err(_) => rewire::backend::default_device().expect("a backend is compiled in"),
+    }
 }
 
 pub fn expected(path: &Path, name: &str) -> HostTensor {
