@@ -480,6 +480,12 @@ impl UNetConfig {
             }
         };
         for (i, &c) in self.block_out_channels.iter().enumerate() {
+            if c == 0 {
+                return Err(ConfigError::Invalid {
+                    path: p(),
+                    message: format!("block_out_channels[{i}] is 0"),
+                });
+            }
             if c % groups != 0 {
                 return Err(ConfigError::Invalid {
                     path: p(),

@@ -64,11 +64,11 @@ pub fn read_from(files: &TensorFiles, path: &Path) -> Result<ForwardInputs, Inpu
         expected: expected.into(),
     };
     let s = &tensors["sample"].shape;
-    if s.len() != 4 {
+    if s.len() != 4 || s.contains(&0) {
         return Err(bad("sample", "expected [batch, channels, height, width]"));
     }
     let e = &tensors["encoder_hidden_states"].shape;
-    if e.len() != 3 || e[0] != s[0] {
+    if e.len() != 3 || e[0] != s[0] || e.contains(&0) {
         return Err(bad(
             "encoder_hidden_states",
             "expected [batch, text length, features] with the sample's batch",

@@ -6,7 +6,7 @@ use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand, ValueEnum};
 use rewire::compile::plan_file::PlanFile;
 use rewire::compile::{self, CompileOptions, diff};
-use rewire::exec::{LowerOptions, Plan};
+use rewire::exec::{HostTensor, LowerOptions, Plan};
 use rewire::graph::{Graph, InputSpec, dump};
 use rewire::recipe::Source;
 use rewire::unet::UNet;
@@ -88,6 +88,13 @@ enum Cmd {
         /// Do not fuse rewrites: every rewrite runs on materialised probabilities.
         #[arg(long)]
         no_fuse: bool,
+        /// Frames per group for ReplaceKv(source: Frames(...)): the batch is [uncond f0..fN-1, cond f0..fN-1].
+        #[arg(long)]
+        frames: Option<usize>,
+        /// Inputs of the reference pass (its `sample`, or `reference_sample`); defaults to the
+        /// inputs file's `reference_sample`. The pass is named "reference".
+        #[arg(long)]
+        reference: Option<PathBuf>,
     },
     /// Validate a recipe against a model.
     Check {
@@ -148,6 +155,9 @@ struct ShapeArgs {
     /// Number of denoising steps (needed when a rewrite has a step range).
     #[arg(long)]
     steps: Option<usize>,
+    /// Frames per group, for ReplaceKv(source: Frames(...)).
+    #[arg(long)]
+    frames: Option<usize>,
 }
 
 fn parse_size(s: &str) -> Result<(usize, usize)> {
@@ -265,6 +275,53 @@ struct ForwardArgs {
     step: Option<usize>,
     steps: Option<usize>,
     no_fuse: bool,
+    frames: Option<usize>,
+    reference: Option<PathBuf>,
+}
+
+/// The reference pass's inputs: `--reference FILE` (its `sample`, else `reference_sample`), or
+/// the inputs file's `reference_sample`; timestep and encoder states from the main inputs
+/// unless the reference file has its own.
+fn reference_inputs(
+    a: &ForwardArgs,
+    main: &std::collections::HashMap<String, HostTensor>,
+) -> Result<Option<std::collections::HashMap<String, HostTensor>>> {
+    let (file, path) = match &a.reference {
+        Some(p) => (rewire::weights::TensorFiles::open(p)?, p.clone()),
+        None => {
+            let f = rewire::weights::TensorFiles::open(&a.inputs)?;
+            if !f.contains("reference_sample") {
+                return Ok(None);
+            }
+            (f, a.inputs.clone())
+        }
+    };
+    let name = if a.reference.is_some() && file.contains("sample") {
+        "sample"
+    } else {
+        "reference_sample"
+    };
+    let (shape, data) = file.read_f32(name).with_context(|| {
+        format!(
+            "{}: no `sample` or `reference_sample` tensor",
+            path.display()
+        )
+    })?;
+    let mut m = main.clone();
+    m.retain(|k, _| rewire::io::INPUT_NAMES.contains(&k.as_str()));
+    m.insert("sample".into(), HostTensor::new(shape, data));
+    for k in [
+        "timestep",
+        "encoder_hidden_states",
+        "text_embeds",
+        "time_ids",
+    ] {
+        if a.reference.is_some() && file.contains(k) {
+            let (s, d) = file.read_f32(k)?;
+            m.insert(k.into(), HostTensor::new(s, d));
+        }
+    }
+    Ok(Some(m))
 }
 
 fn forward(a: ForwardArgs) -> Result<()> {
@@ -275,8 +332,9 @@ fn forward(a: ForwardArgs) -> Result<()> {
         Some(p) => Some(PlanFile::load(p, &unet.fingerprint())?),
         None => None,
     };
-    let given = rewire::io::read_forward_inputs(&a.inputs)?;
+    let mut given = rewire::io::read_forward_inputs(&a.inputs)?;
     let base = unet.graph(given.spec)?;
+    let reference = reference_inputs(&a, &given.tensors)?;
     let compiled = if let Some(r) = &a.recipe {
         let src = Source::load(r)?;
         let opts = CompileOptions {
@@ -284,6 +342,12 @@ fn forward(a: ForwardArgs) -> Result<()> {
             steps: a.steps,
             words: None,
             require_bound_words: true,
+            frames: a.frames,
+            references: Some(if reference.is_some() {
+                vec!["reference".into()]
+            } else {
+                vec![]
+            }),
         };
         Some(compile::compile_graph(&src, &base, &opts)?)
     } else if let (Some(p), Some(plan)) = (&a.plan, &plan_file) {
@@ -313,7 +377,10 @@ fn forward(a: ForwardArgs) -> Result<()> {
         Some(c) => {
             let ranged = c.segments.iter().any(|s| s.steps.is_some());
             let seg = match (ranged, a.step) {
-                (false, _) => &c.segments[0],
+                (false, _) => c
+                    .segments
+                    .first()
+                    .context("the compiled recipe has no graph")?,
                 (true, None) => bail!(
                     "recipe \"{}\" has step ranges: say which step this forward is (--step I --steps N)",
                     c.recipe
@@ -325,10 +392,28 @@ fn forward(a: ForwardArgs) -> Result<()> {
             seg.graph.clone()
         }
     };
-    let plan = Plan::lower(&graph, &unet.weights, &device, LowerOptions::default())?;
     let t0 = std::time::Instant::now();
+    if let Some(c) = &compiled
+        && !c.records.is_empty()
+    {
+        let Some(reference) = &reference else {
+            bail!(
+                "the plan reads a reference pass: give --reference FILE or `reference_sample` in the inputs"
+            );
+        };
+        // The reference pass records only the layers a rewrite reads.
+        let recorder = c.recorder("reference")?;
+        let rp = Plan::lower(&recorder, &unet.weights, &device, LowerOptions::default())?;
+        let recorded = rp.run_host(reference)?;
+        for (k, v) in recorded {
+            if k.starts_with("ref.") {
+                given.tensors.insert(k, v);
+            }
+        }
+    }
+    let plan = Plan::lower(&graph, &unet.weights, &device, LowerOptions::default())?;
     let result = plan.run_host(&given.tensors)?;
-    let y = &result["out"];
+    let y = result.get("out").context("the graph has no `out` output")?;
     rewire::weights::write_f32(&a.out, &[("out".into(), y.shape.clone(), y.data.clone())])?;
     eprintln!(
         "wrote {} ({:?}) in {:.3}s",
@@ -374,6 +459,8 @@ fn compile_for(
         steps: shape.steps,
         words: None,
         require_bound_words,
+        frames: shape.frames,
+        references: None,
     };
     let c = compile::compile(&src, &unet, spec, &opts)?;
     Ok((unet, src, c))
@@ -398,12 +485,11 @@ fn explain(c: &compile::Compiled) {
                 .zip(&l.ops)
                 .map(|(i, op)| format!("{op} (rewrite {i})"))
                 .collect();
-            println!(
-                "{}\n  landed: {}\n  {}",
-                l.path,
-                landed.join(" → "),
-                l.fusion
-            );
+            println!("{}\n  landed: {}", l.path, landed.join(" → "));
+            for n in &l.notes {
+                println!("  {n}");
+            }
+            println!("  {}", l.fusion);
             if !l.materialised.is_empty() {
                 println!(
                     "  probabilities materialised for batch items {:?}",
@@ -461,6 +547,8 @@ fn run(cli: Cli) -> Result<()> {
             step,
             steps,
             no_fuse,
+            frames,
+            reference,
         } => forward(ForwardArgs {
             model,
             inputs,
@@ -472,6 +560,8 @@ fn run(cli: Cli) -> Result<()> {
             step,
             steps,
             no_fuse,
+            frames,
+            reference,
         }),
         Cmd::Check {
             recipe,

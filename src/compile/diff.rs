@@ -17,6 +17,10 @@ pub struct LayerDiff {
     pub added: Vec<String>,
     pub removed: Vec<String>,
     pub fusion: String,
+    /// Where each added node feeds (`tome_merge → to_k, to_v`).
+    pub placed: Vec<String>,
+    /// What the K/V rewrites did.
+    pub notes: Vec<String>,
 }
 
 /// What changed in one segment.
@@ -58,12 +62,46 @@ pub fn segment(base: &Graph, seg: &Segment) -> SegmentDiff {
         .iter()
         .map(|r| {
             let (before, after) = (ops_at(base, &r.path), ops_at(&seg.graph, &r.path));
+            let added = expand(&after, &before);
+            let g = &seg.graph;
+            let mut placed = Vec::new();
+            for n in g.g.node_indices() {
+                let node = &g.g[n];
+                let name = node.op.name();
+                if node.path != r.path
+                    || before.contains_key(name)
+                    || !added.iter().any(|a| a == name)
+                {
+                    continue;
+                }
+                let mut to: Vec<String> =
+                    g.g.neighbors_directed(n, petgraph::Direction::Outgoing)
+                        .map(|c| {
+                            let cn = &g.g[c];
+                            let short = cn
+                                .path
+                                .strip_prefix(&format!("{}.", r.path))
+                                .unwrap_or(&cn.path);
+                            if short == r.path || short.is_empty() {
+                                cn.op.name().to_string()
+                            } else {
+                                short.to_string()
+                            }
+                        })
+                        .collect();
+                to.sort();
+                to.dedup();
+                placed.push(format!("{name} → {}", to.join(", ")));
+            }
+            placed.sort();
             LayerDiff {
                 path: r.path.clone(),
                 rewrites: r.rewrites.clone(),
-                added: expand(&after, &before),
+                added,
                 removed: expand(&before, &after),
                 fusion: r.fusion.clone(),
+                placed,
+                notes: r.notes.clone(),
             }
         })
         .collect();
@@ -121,6 +159,12 @@ pub fn text(c: &Compiled) -> String {
             }
             if !l.removed.is_empty() {
                 let _ = writeln!(s, "  - {}", l.removed.join(", "));
+            }
+            for p in &l.placed {
+                let _ = writeln!(s, "    {p}");
+            }
+            for n in &l.notes {
+                let _ = writeln!(s, "  * {n}");
             }
             let _ = writeln!(s, "  ~ {}", l.fusion);
         }

@@ -51,6 +51,10 @@ pub struct CompileOptions {
     pub words: Option<HashMap<String, Vec<usize>>>,
     /// Reject word reweights when no prompt is bound (a forward that must run them).
     pub require_bound_words: bool,
+    /// Frames per group for `ReplaceKv(source: Frames(...))` (`--frames N`).
+    pub frames: Option<usize>,
+    /// Names of the reference passes a run provides; `None`: not checked (`rewire check`).
+    pub references: Option<Vec<String>>,
 }
 
 impl CompileOptions {
@@ -81,6 +85,20 @@ pub struct LayerReport {
     pub fusion: String,
     /// Batch items whose probabilities are materialised (empty when fused).
     pub materialised: Vec<usize>,
+    /// What the K/V rewrites did (where the nodes went, token counts).
+    #[serde(default)]
+    pub notes: Vec<String>,
+}
+
+/// A layer's K/V input that a reference pass must record.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Record {
+    /// The reference pass's name.
+    pub name: String,
+    /// The attention layer.
+    pub layer: String,
+    /// The graph input of the rewritten graph that receives it (`ref.<name>.<layer>`).
+    pub input: String,
 }
 
 /// The graph of one step segment.
@@ -104,9 +122,47 @@ pub struct Compiled {
     pub segments: Vec<Segment>,
     /// Rewrites that name words still to be bound to a prompt.
     pub unbound_words: Vec<usize>,
+    /// K/V inputs the reference passes must record (only the layers a rewrite reads).
+    pub records: Vec<Record>,
 }
 
 impl Compiled {
+    /// The graph a reference pass runs: the untouched UNet with an output on the K/V input of
+    /// every layer a `Reference` rewrite reads (named like the rewritten graph's inputs).
+    pub fn recorder(&self, name: &str) -> Result<Graph, GraphError> {
+        let mut g = self.base.clone();
+        let mut patch = Patch::new(format!("record reference \"{name}\""));
+        for r in self.records.iter().filter(|r| r.name == name) {
+            let node = g
+                .attention_layers()
+                .into_iter()
+                .find(|(_, p, _)| *p == r.layer)
+                .map(|(n, _, _)| n)
+                .ok_or_else(|| GraphError::Shape {
+                    path: r.layer.clone(),
+                    op: "record".into(),
+                    message: "the plan records a layer this model does not have".into(),
+                })?;
+            let to_k = g.inputs_of(node)[1];
+            let kv = g.inputs_of(to_k)[0];
+            patch.add(
+                "",
+                Op::Output {
+                    name: r.input.clone(),
+                },
+                &[Src::Old(kv)],
+            );
+        }
+        // The reference pass needs only the recorded inputs: drop the UNet's own output, and
+        // the executor computes nothing past the last recorded layer.
+        for (_, out) in g.outputs() {
+            patch.remove.push(out);
+        }
+        g.apply(&patch)?;
+        g.check(None)?;
+        Ok(g)
+    }
+
     /// The segment for step `i` of the run.
     pub fn segment_for(&self, i: usize) -> Option<&Segment> {
         self.segments.iter().find(|s| match s.steps {
@@ -489,6 +545,157 @@ pub fn compile_graph(
                 }
                 items = vec![from.0, to.0];
             }
+            RewriteOp::ReplaceKv { source, frames, .. } => {
+                if let Some(&j) = chosen
+                    .iter()
+                    .find(|&&j| layers[j].2.kind == AttnKind::Cross)
+                {
+                    return Err(src
+                        .error(&kind_path, "cross-attention", format!("ReplaceKv replaces self-attention K/V, but the selection includes cross-attention layer {} (its K/V are the prompt's {} tokens)", layers[j].1, text_len), "add kind: Some(Self) to the select")
+                        .into());
+                }
+                let sp = at(i, &[Seg::Field("op"), Seg::Field("source")]);
+                match source {
+                    crate::recipe::KvSource::Frames(list) => {
+                        if list.is_empty() {
+                            return Err(src
+                                .error(
+                                    &sp,
+                                    "frames",
+                                    "Frames([]) names no frame",
+                                    "e.g. Frames([First]) or Frames([First, Prev])",
+                                )
+                                .into());
+                        }
+                        let n = match (frames, opts.frames) {
+                            (Some(a), Some(b)) if *a != b => {
+                                return Err(src
+                                    .error(
+                                        &at(i, &[Seg::Field("op"), Seg::Field("frames")]),
+                                        "frames",
+                                        format!("the recipe says {a} frames, the run {b}"),
+                                        "drop one of them",
+                                    )
+                                    .into());
+                            }
+                            (Some(a), _) => *a,
+                            (None, Some(b)) => b,
+                            (None, None) => {
+                                return Err(src.error(&sp, "frames", "Frames sources need the number of frames per group", "run with --frames N (the batch is [uncond f0..fN-1, cond f0..fN-1])").into());
+                            }
+                        };
+                        if n == 0 || !spec.batch.is_multiple_of(n) {
+                            return Err(src
+                                .error(&sp, "frames", format!("a batch of {} does not divide into groups of {n} frames", spec.batch), "the batch must be [uncond f0..fN-1, cond f0..fN-1]: a multiple of the frame count")
+                                .into());
+                        }
+                    }
+                    crate::recipe::KvSource::Reference(name) => {
+                        if let Some(refs) = &opts.references
+                            && !refs.contains(name)
+                        {
+                            let hint = if refs.is_empty() {
+                                "give the reference inputs (--reference FILE, or `reference_sample` in the inputs file): that pass is named \"reference\"".to_string()
+                            } else {
+                                format!("the passes of this run are: {}", refs.join(", "))
+                            };
+                            return Err(src
+                                .error(
+                                    &sp,
+                                    "reference",
+                                    format!("no pass records reference \"{name}\""),
+                                    hint,
+                                )
+                                .into());
+                        }
+                        if rw.branch != crate::recipe::Branch::Both {
+                            return Err(src
+                                .error(
+                                    &at(i, &[Seg::Field("branch")]),
+                                    "branch",
+                                    "Reference K/V apply to the whole batch",
+                                    "set branch: Both",
+                                )
+                                .into());
+                        }
+                    }
+                }
+            }
+            RewriteOp::MergeKv { ratio, sx, sy, .. }
+            | RewriteOp::MergeTokens { ratio, sx, sy, .. } => {
+                let is_kv = matches!(rw.op, RewriteOp::MergeKv { .. });
+                if is_kv
+                    && let Some(&j) = chosen
+                        .iter()
+                        .find(|&&j| layers[j].2.kind == AttnKind::Cross)
+                {
+                    return Err(src
+                        .error(&kind_path, "cross-attention", format!("MergeKv merges self-attention K/V tokens, but the selection includes cross-attention layer {}: its keys are the prompt's {} tokens, not image tokens", layers[j].1, text_len), "add kind: Some(Self) to the select")
+                        .into());
+                }
+                if let RewriteOp::MergeTokens {
+                    attn,
+                    cross,
+                    mlp,
+                    max_downsample,
+                    ..
+                } = &rw.op
+                {
+                    if !attn && !cross && !mlp {
+                        return Err(src
+                            .error(
+                                &op_path,
+                                "merge",
+                                "MergeTokens merges nothing (attn, cross and mlp are all false)",
+                                "set attn: true (tomesd's default)",
+                            )
+                            .into());
+                    }
+                    chosen.retain(|&j| layers[j].2.downsample <= *max_downsample);
+                    if chosen.is_empty() {
+                        return Err(src.error(&at(i, &[Seg::Field("op"), Seg::Field("max_downsample")]), "no-match", format!("no selected layer is downsampled at most {max_downsample} times"), "raise max_downsample").into());
+                    }
+                }
+                if *sx == 0 || *sy == 0 {
+                    return Err(src
+                        .error(
+                            &op_path,
+                            "merge",
+                            "sx and sy must be at least 1",
+                            "tomesd uses sx: 2, sy: 2",
+                        )
+                        .into());
+                }
+                let cells = *sx as f64 * *sy as f64;
+                let rp = at(i, &[Seg::Field("op"), Seg::Field("ratio")]);
+                if !(0.0..=1.0 - 1.0 / cells).contains(ratio) {
+                    return Err(src
+                        .error(&rp, "ratio", format!("ratio {ratio} is outside [0, {}] for {sx}×{sy} cells", 1.0 - 1.0 / cells), format!("each {sx}×{sy} cell keeps its destination token, so at most 1 − 1/{cells} of the tokens can merge"))
+                        .into());
+                }
+                if let Some(&j) = chosen
+                    .iter()
+                    .find(|&&j| layers[j].2.grid.0 < *sy || layers[j].2.grid.1 < *sx)
+                {
+                    let g = layers[j].2.grid;
+                    return Err(src
+                        .error(&op_path, "merge", format!("{sx}×{sy} cells do not fit the {}×{} token grid of {}", g.1, g.0, layers[j].1), "use smaller sx/sy, or select layers with larger grids (max_downsample)")
+                        .into());
+                }
+                if rw.branch != crate::recipe::Branch::Both {
+                    return Err(src
+                        .error(
+                            &at(i, &[Seg::Field("branch")]),
+                            "branch",
+                            format!(
+                                "{} changes the token count, so it applies to the whole batch",
+                                rw.op.name()
+                            ),
+                            "set branch: Both",
+                        )
+                        .into());
+                }
+            }
         }
         for j in chosen {
             landings
@@ -545,16 +752,126 @@ pub fn compile_graph(
         segs.into_iter().map(|(a, b, _)| Some((a, b))).collect()
     };
 
+    // ---- one MergeTokens per transformer block ----
+    let mut blocks: BTreeMap<String, usize> = BTreeMap::new();
+    for (path, ls) in &landings {
+        let block = path.rsplit_once('.').map(|(b, _)| b).unwrap_or(path);
+        for l in ls
+            .iter()
+            .filter(|l| matches!(recipe.rewrites[l.rewrite].op, RewriteOp::MergeTokens { .. }))
+        {
+            match blocks.get(block) {
+                Some(&other)
+                    if other != l.rewrite
+                        && overlap_in_time(
+                            recipe.rewrites[other].steps,
+                            recipe.rewrites[l.rewrite].steps,
+                            opts.steps,
+                        ) =>
+                {
+                    return Err(src
+                        .error(
+                            &at(l.rewrite.max(other), &[]),
+                            "conflict",
+                            format!("rewrites {} and {} both merge the tokens of block {block}", other.min(l.rewrite), other.max(l.rewrite)),
+                            "one MergeTokens per transformer block: keep one, or give them disjoint steps",
+                        )
+                        .into());
+                }
+                _ => {
+                    blocks.insert(block.to_string(), l.rewrite);
+                }
+            }
+        }
+    }
+
     // ---- order: two rewrites on one layer whose order matters must state it ----
     for (path, ls) in &landings {
         for (x, a) in ls.iter().enumerate() {
             for b in &ls[x + 1..] {
                 let (ra, rb) = (&recipe.rewrites[a.rewrite], &recipe.rewrites[b.rewrite]);
+                if overlap_in_time(ra.steps, rb.steps, opts.steps) {
+                    let clash = match (&ra.op, &rb.op) {
+                        (RewriteOp::Store { .. }, RewriteOp::Store { .. }) => Some(format!(
+                            "rewrites {} and {} both Store {path}: one Store per layer (both would write probs.{path})",
+                            a.rewrite, b.rewrite
+                        )),
+                        (
+                            RewriteOp::ReplaceKv {
+                                source: crate::recipe::KvSource::Reference(x),
+                                ..
+                            },
+                            RewriteOp::ReplaceKv {
+                                source: crate::recipe::KvSource::Reference(y),
+                                ..
+                            },
+                        ) if x == y => Some(format!(
+                            "rewrites {} and {} both read reference \"{x}\" on {path}",
+                            a.rewrite, b.rewrite
+                        )),
+                        (RewriteOp::MergeTokens { .. }, RewriteOp::MergeTokens { .. }) => {
+                            Some(format!(
+                                "rewrites {} and {} both merge the tokens of {path}'s block",
+                                a.rewrite, b.rewrite
+                            ))
+                        }
+                        _ => None,
+                    };
+                    if let Some(message) = clash {
+                        return Err(src
+                            .error(
+                                &at(b.rewrite, &[]),
+                                "conflict",
+                                message,
+                                "keep one of them, or give them disjoint steps",
+                            )
+                            .into());
+                    }
+                    let merge_then_ref =
+                        |m: &crate::recipe::Rewrite, r: &crate::recipe::Rewrite| {
+                            m.op.is_kv()
+                                && !matches!(m.op, RewriteOp::ReplaceKv { .. })
+                                && matches!(
+                                    r.op,
+                                    RewriteOp::ReplaceKv {
+                                        source: crate::recipe::KvSource::Reference(_),
+                                        ..
+                                    }
+                                )
+                        };
+                    if merge_then_ref(ra, rb) || merge_then_ref(rb, ra) {
+                        return Err(src
+                            .error(
+                                &at(b.rewrite, &[]),
+                                "conflict",
+                                format!("rewrites {} and {} merge tokens and read a reference on {path}: the reference pass records the unmerged K/V input", a.rewrite, b.rewrite),
+                                "use the reference on other layers than the merge",
+                            )
+                            .into());
+                    }
+                }
                 if !order_matters(&ra.op, &rb.op) || a.items.iter().all(|i| !b.items.contains(i)) {
                     continue;
                 }
                 if !overlap_in_time(ra.steps, rb.steps, opts.steps) {
                     continue;
+                }
+                let (first, second) = if ra.order <= rb.order {
+                    (ra, rb)
+                } else {
+                    (rb, ra)
+                };
+                if matches!(first.op, RewriteOp::ReplaceKv { .. })
+                    && matches!(
+                        second.op,
+                        RewriteOp::MergeKv { .. } | RewriteOp::MergeTokens { .. }
+                    )
+                    && ra.order.is_some()
+                    && rb.order.is_some()
+                {
+                    return Err(src
+                        .error(&at(b.rewrite, &[]), "order", format!("{} must come before ReplaceKv on {path}: merging needs the layer's own token grid", second.op.name()), "give the merge the lower order")
+                        .into());
                 }
                 match (ra.order, rb.order) {
                     (Some(p), Some(q)) if p != q => {}
@@ -578,10 +895,12 @@ pub fn compile_graph(
 
     // ---- apply and fuse, per segment ----
     let mut out = Vec::new();
+    let mut records: Vec<Record> = Vec::new();
     for seg in segments {
         let mut graph = base.clone();
         let mut reports = Vec::new();
         let mut patches = Vec::new();
+        let mut merged_blocks: BTreeSet<String> = BTreeSet::new();
         for (node, path, info) in layer_facts(base) {
             let Some(ls) = landings.get(&path) else {
                 continue;
@@ -602,19 +921,79 @@ pub fn compile_graph(
                 continue;
             }
             active.sort_by_key(|l| (recipe.rewrites[l.rewrite].order.unwrap_or(0), l.rewrite));
-            let patch = apply_layer(&graph, node, &path, &info, &active, src, &weights);
-            graph.apply(&patch).map_err(|e| CompileError::Pass {
-                pass: patch.label.clone(),
-                source: Box::new(e),
-            })?;
-            graph.check(None).map_err(|e| CompileError::Pass {
-                pass: patch.label.clone(),
-                source: Box::new(e),
-            })?;
-            patches.push(patch.label.clone());
+            let mut notes = Vec::new();
+            for l in active
+                .iter()
+                .filter(|l| recipe.rewrites[l.rewrite].op.is_kv())
+            {
+                let rw = &recipe.rewrites[l.rewrite];
+                let (patch, note) = match &rw.op {
+                    RewriteOp::MergeTokens { .. } => {
+                        let block = path
+                            .rsplit_once('.')
+                            .map(|(b, _)| b.to_string())
+                            .unwrap_or_default();
+                        if !merged_blocks.insert(block.clone()) {
+                            notes.push(format!(
+                                "MergeTokens (rewrite {}): merged with its block {block}",
+                                l.rewrite
+                            ));
+                            continue;
+                        }
+                        merge_tokens(&graph, &block, &rw.op, l.rewrite)
+                    }
+                    _ => {
+                        let frames = match &rw.op {
+                            RewriteOp::ReplaceKv { frames, .. } => {
+                                frames.or(opts.frames).unwrap_or(1)
+                            }
+                            _ => 1,
+                        };
+                        let (patch, note, rec) =
+                            apply_kv(&graph, node, &path, &rw.op, &l.items, frames, l.rewrite);
+                        if let Some(r) = rec
+                            && !records.contains(&r)
+                        {
+                            records.push(r);
+                        }
+                        (patch, note)
+                    }
+                };
+                graph.apply(&patch).map_err(|e| CompileError::Pass {
+                    pass: patch.label.clone(),
+                    source: Box::new(e),
+                })?;
+                graph.check(None).map_err(|e| CompileError::Pass {
+                    pass: patch.label.clone(),
+                    source: Box::new(e),
+                })?;
+                patches.push(patch.label.clone());
+                notes.push(note);
+            }
+            let probs: Vec<&Landing> = active
+                .iter()
+                .copied()
+                .filter(|l| !recipe.rewrites[l.rewrite].op.is_kv())
+                .collect();
             let mut items: BTreeSet<usize> = BTreeSet::new();
-            for l in &active {
-                items.extend(&l.items);
+            if !probs.is_empty() {
+                let info = match &graph.g[node].op {
+                    Op::Attention(a) => a.clone(),
+                    _ => info.clone(),
+                };
+                let patch = apply_layer(&graph, node, &path, &info, &probs, src, &weights);
+                graph.apply(&patch).map_err(|e| CompileError::Pass {
+                    pass: patch.label.clone(),
+                    source: Box::new(e),
+                })?;
+                graph.check(None).map_err(|e| CompileError::Pass {
+                    pass: patch.label.clone(),
+                    source: Box::new(e),
+                })?;
+                patches.push(patch.label.clone());
+                for l in &probs {
+                    items.extend(&l.items);
+                }
             }
             reports.push(LayerReport {
                 path: path.clone(),
@@ -623,16 +1002,23 @@ pub fn compile_graph(
                     .iter()
                     .map(|l| recipe.rewrites[l.rewrite].op.name().to_string())
                     .collect(),
-                fusion: if opts.fuse {
+                fusion: if probs.is_empty() {
+                    "none needed: no rewrite touches the probabilities; fused attention kernel kept"
+                        .into()
+                } else if opts.fuse {
                     String::new()
                 } else {
                     "none: fusion is off (--no-fuse)".into()
                 },
                 materialised: items.into_iter().collect(),
+                notes,
             });
         }
         if opts.fuse {
-            for r in reports.iter_mut() {
+            for r in reports
+                .iter_mut()
+                .filter(|r| !r.fusion.starts_with("none needed"))
+            {
                 let unbound = r.rewrites.iter().any(|i| unbound_words.contains(i));
                 let (fusion, patch) = fuse_layer(&graph, &r.path, base, unbound);
                 r.fusion = fusion;
@@ -664,11 +1050,15 @@ pub fn compile_graph(
         base: base.clone(),
         segments: out,
         unbound_words,
+        records,
     })
 }
 
 fn order_matters(a: &RewriteOp, b: &RewriteOp) -> bool {
     use RewriteOp::*;
+    if a.is_kv() != b.is_kv() {
+        return false;
+    }
     !matches!(
         (a, b),
         (
@@ -788,12 +1178,243 @@ fn apply_layer(
                     &[s],
                 );
             }
+            _ => unreachable!("K/V rewrites are applied before the probability chain"),
         }
     }
     let mix = patch.add(path, Op::AttnMix { heads, items }, &[q, k, v, p]);
     patch.reroute.push((node, mix));
     patch.remove.push(node);
     patch
+}
+
+/// A K/V rewrite on one layer: frames gathered after the projections (each item's own K/V are
+/// projected once), a reference's K/V input before them, merged tokens before them (merging
+/// first saves projection work: a mean merge commutes with a linear map).
+fn apply_kv(
+    g: &Graph,
+    node: NodeIndex,
+    path: &str,
+    op: &RewriteOp,
+    items: &[usize],
+    frames: usize,
+    rewrite: usize,
+) -> (Patch, String, Option<Record>) {
+    let ins = g.inputs_of(node);
+    let (to_q, to_k, to_v) = (ins[0], ins[1], ins[2]);
+    let b = g.spec.batch;
+    let mut patch = Patch::new(format!("apply {} (rewrite {rewrite}) on {path}", op.name()));
+    match op {
+        RewriteOp::ReplaceKv {
+            source: crate::recipe::KvSource::Frames(list),
+            mode,
+            ..
+        } => {
+            let mut index: Vec<Vec<usize>> = list
+                .iter()
+                .map(|s| {
+                    (0..b)
+                        .map(|item| {
+                            if items.contains(&item) {
+                                let (grp, i) = (item / frames, item % frames);
+                                grp * frames + s.frame(i, frames)
+                            } else {
+                                item // an item outside the branch attends to copies of itself: unchanged
+                            }
+                        })
+                        .collect()
+                })
+                .collect();
+            if *mode == crate::recipe::KvMode::ConcatWithSelf {
+                index.push((0..b).collect());
+            }
+            let n = index.len();
+            let gk = patch.add(
+                path,
+                Op::KvGather {
+                    index: index.clone(),
+                },
+                &[Src::Old(to_k)],
+            );
+            let gv = patch.add(path, Op::KvGather { index }, &[Src::Old(to_v)]);
+            patch.rewire.push((node, 1, gk));
+            patch.rewire.push((node, 2, gv));
+            (
+                patch,
+                format!(
+                    "ReplaceKv (rewrite {rewrite}): K and V gathered from {n} frame source{} after to_k/to_v ({frames} frames per group)",
+                    if n == 1 { "" } else { "s" }
+                ),
+                None,
+            )
+        }
+        RewriteOp::ReplaceKv {
+            source: crate::recipe::KvSource::Reference(name),
+            mode,
+            ..
+        } => {
+            let kv = g.inputs_of(to_k)[0];
+            let input = format!("ref.{name}.{path}");
+            let r = patch.add(
+                "",
+                Op::Input {
+                    name: input.clone(),
+                    shape: g.g[kv].shape.clone(),
+                },
+                &[],
+            );
+            let (src, how) = match mode {
+                crate::recipe::KvMode::Replace => (r, "replaced by"),
+                crate::recipe::KvMode::ConcatWithSelf => (
+                    patch.add(path, Op::Concat { axis: 1 }, &[r, Src::Old(kv)]),
+                    "concatenated after",
+                ),
+            };
+            patch.rewire.push((to_k, 0, src));
+            patch.rewire.push((to_v, 0, src));
+            let note = format!(
+                "ReplaceKv (rewrite {rewrite}): K/V input {how} reference \"{name}\"'s, before to_k/to_v"
+            );
+            (
+                patch,
+                note,
+                Some(Record {
+                    name: name.clone(),
+                    layer: path.to_string(),
+                    input,
+                }),
+            )
+        }
+        RewriteOp::MergeKv {
+            ratio,
+            sx,
+            sy,
+            random,
+        } => {
+            let x = g.inputs_of(to_q)[0];
+            let kv = g.inputs_of(to_k)[0];
+            let Op::Attention(info) = &g.g[node].op else {
+                unreachable!("attention node")
+            };
+            let n = info.queries;
+            let r = (n as f64 * ratio) as usize;
+            let plan = patch.add(
+                path,
+                Op::TomeMatch {
+                    grid: info.grid,
+                    sx: *sx,
+                    sy: *sy,
+                    r,
+                    seed: *random,
+                },
+                &[Src::Old(x)],
+            );
+            let m = patch.add(path, Op::TomeMerge, &[Src::Old(kv), plan]);
+            patch.rewire.push((to_k, 0, m));
+            patch.rewire.push((to_v, 0, m));
+            (
+                patch,
+                format!(
+                    "MergeKv (rewrite {rewrite}): {r} of {n} K/V tokens merged before to_k/to_v; Q keeps all {n}"
+                ),
+                None,
+            )
+        }
+        _ => unreachable!("not a layer K/V op"),
+    }
+}
+
+fn find(g: &Graph, path: &str, pred: impl Fn(&Op) -> bool) -> Option<NodeIndex> {
+    g.g.node_indices()
+        .find(|&n| g.g[n].path == path && pred(&g.g[n].op))
+}
+
+/// tomesd on one transformer block: one merge plan from the block input, merge/unmerge around
+/// attn1, attn2 and the feed-forward as asked.
+fn merge_tokens(g: &Graph, block: &str, op: &RewriteOp, rewrite: usize) -> (Patch, String) {
+    let RewriteOp::MergeTokens {
+        ratio,
+        sx,
+        sy,
+        attn,
+        cross,
+        mlp,
+        ..
+    } = op
+    else {
+        unreachable!("MergeTokens")
+    };
+    let ln = |name: &str| {
+        find(g, &format!("{block}.{name}"), |o| {
+            matches!(o, Op::LayerNorm { .. })
+        })
+        .expect("block norm")
+    };
+    let norm1 = ln("norm1");
+    let t_in = g.inputs_of(norm1)[0];
+    let att1 = find(g, &format!("{block}.attn1"), |o| {
+        matches!(o, Op::Attention(_))
+    })
+    .expect("attn1");
+    let Op::Attention(info) = &g.g[att1].op else {
+        unreachable!()
+    };
+    let n = info.queries;
+    let r = (n as f64 * ratio) as usize;
+    let mut patch = Patch::new(format!("apply MergeTokens (rewrite {rewrite}) on {block}"));
+    let plan = patch.add(
+        block,
+        Op::TomeMatch {
+            grid: info.grid,
+            sx: *sx,
+            sy: *sy,
+            r,
+            seed: None,
+        },
+        &[Src::Old(t_in)],
+    );
+    let mut wrapped = Vec::new();
+    let lin = |name: &str| {
+        find(g, &format!("{block}.{name}"), |o| {
+            matches!(o, Op::Linear { .. })
+        })
+        .expect("projection")
+    };
+    for (on, norm, out, layer) in [
+        (*attn, "norm1", "attn1.to_out.0", "attn1"),
+        (*cross, "norm2", "attn2.to_out.0", "attn2"),
+    ] {
+        if !on {
+            continue;
+        }
+        let nn = ln(norm);
+        let lp = format!("{block}.{layer}");
+        let m = patch.add(&lp, Op::TomeMerge, &[Src::Old(nn), plan]);
+        patch.reroute.push((nn, m));
+        let o = lin(out);
+        let u = patch.add(&lp, Op::TomeUnmerge, &[Src::Old(o), plan]);
+        patch.reroute.push((o, u));
+        wrapped.push(layer);
+    }
+    if *mlp {
+        let n3 = ln("norm3");
+        let ff = find(g, &format!("{block}.ff"), |o| {
+            matches!(o, Op::FeedForward { .. })
+        })
+        .expect("ff");
+        let fp = format!("{block}.ff");
+        let m = patch.add(&fp, Op::TomeMerge, &[Src::Old(n3), plan]);
+        patch.reroute.push((n3, m));
+        let u = patch.add(&fp, Op::TomeUnmerge, &[Src::Old(ff), plan]);
+        patch.reroute.push((ff, u));
+        wrapped.push("ff");
+    }
+    (
+        patch,
+        format!(
+            "MergeTokens (rewrite {rewrite}): {r} of {n} tokens merged around {} of {block}",
+            wrapped.join(", ")
+        ),
+    )
 }
 
 /// The fuse pass for one layer: a chain of reweights alone becomes a V row scale and/or a

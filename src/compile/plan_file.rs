@@ -72,6 +72,8 @@ pub struct PlanFile {
     pub recipe_fingerprint: String,
     pub spec: InputSpec,
     pub steps: Option<usize>,
+    #[serde(default)]
+    records: Vec<super::Record>,
     segments: Vec<SegmentFile>,
     checksum: String,
 }
@@ -108,6 +110,7 @@ impl PlanFile {
             recipe_fingerprint,
             spec: c.spec,
             steps: c.steps,
+            records: c.records.clone(),
             segments: c
                 .segments
                 .iter()
@@ -196,6 +199,7 @@ impl PlanFile {
             base: base.clone(),
             segments,
             unbound_words: vec![],
+            records: self.records.clone(),
         })
     }
 }

@@ -1,6 +1,7 @@
 //! One kernel per op, holding its weights on the device. Weights are read once at lowering
 //! (f16/bf16 widened to f32; linear weights transposed to `[in, out]` for Burn's `linear`).
 
+use super::tome::MergePlan;
 use super::{ExecError, HostTensor, LowerOptions, upload};
 use crate::graph::Op;
 use crate::weights::WeightSource;
@@ -9,13 +10,14 @@ use burn::tensor::module::{attention, conv2d, interpolate, layer_norm, linear};
 use burn::tensor::ops::{AttentionModuleOptions, ConvOptions, InterpolateMode, InterpolateOptions};
 use burn::tensor::{Device, Tensor};
 
-/// A device tensor of rank 1 to 4.
+/// A device tensor of rank 1 to 4, or a token-merge plan.
 #[derive(Debug, Clone)]
 pub enum Value {
     R1(Tensor<1>),
     R2(Tensor<2>),
     R3(Tensor<3>),
     R4(Tensor<4>),
+    Plan(std::sync::Arc<MergePlan>),
 }
 
 impl Value {
@@ -25,6 +27,7 @@ impl Value {
             Value::R2(t) => t.dims().to_vec(),
             Value::R3(t) => t.dims().to_vec(),
             Value::R4(t) => t.dims().to_vec(),
+            Value::Plan(p) => vec![p.batch, p.tokens, p.merged],
         }
     }
 
@@ -45,6 +48,7 @@ impl Value {
             Value::R2(t) => t.into_data(),
             Value::R3(t) => t.into_data(),
             Value::R4(t) => t.into_data(),
+            Value::Plan(p) => p.slot.clone().float().into_data(),
         };
         let data = data
             .convert::<f32>()
@@ -69,6 +73,12 @@ impl Value {
         match self {
             Value::R3(t) => t,
             v => panic!("kernel expected a rank-3 value, got {:?}", v.dims()),
+        }
+    }
+    pub fn plan(self) -> std::sync::Arc<MergePlan> {
+        match self {
+            Value::Plan(p) => p,
+            v => panic!("kernel expected a merge plan, got {:?}", v.dims()),
         }
     }
     pub fn r4(self) -> Tensor<4> {
@@ -240,6 +250,8 @@ pub enum Kernel {
         freqs: Tensor<2>,
         flip: bool,
         batch: usize,
+        /// An odd dim gets a zero column, as in diffusers.
+        pad: bool,
     },
     Linear(LinearW),
     Conv2d(ConvW),
@@ -309,6 +321,18 @@ pub enum Kernel {
         heads: usize,
         items: Vec<usize>,
     },
+    KvGather {
+        index: Vec<Vec<usize>>,
+    },
+    TomeMatch {
+        grid: (usize, usize),
+        sx: usize,
+        sy: usize,
+        r: usize,
+        seed: Option<u64>,
+    },
+    TomeMerge,
+    TomeUnmerge,
 }
 
 impl Kernel {
@@ -342,6 +366,7 @@ impl Kernel {
                     freqs: upload(&[1, half], freqs, dev),
                     flip: *flip_sin_to_cos,
                     batch: *batch,
+                    pad: dim % 2 == 1,
                 }
             }
             Op::Linear {
@@ -482,6 +507,24 @@ impl Kernel {
                 heads: *heads,
                 items: items.clone(),
             },
+            Op::KvGather { index } => Kernel::KvGather {
+                index: index.clone(),
+            },
+            Op::TomeMatch {
+                grid,
+                sx,
+                sy,
+                r,
+                seed,
+            } => Kernel::TomeMatch {
+                grid: *grid,
+                sx: *sx,
+                sy: *sy,
+                r: *r,
+                seed: *seed,
+            },
+            Op::TomeMerge => Kernel::TomeMerge,
+            Op::TomeUnmerge => Kernel::TomeUnmerge,
         })
     }
 
@@ -493,7 +536,12 @@ impl Kernel {
         match self {
             Kernel::Input => unreachable!("inputs are placed, not run"),
             Kernel::Output => arg(0),
-            Kernel::TimestepProj { freqs, flip, batch } => {
+            Kernel::TimestepProj {
+                freqs,
+                flip,
+                batch,
+                pad,
+            } => {
                 let t = arg(0).r1();
                 let n = t.dims()[0];
                 let t = t.reshape([n, 1]);
@@ -504,11 +552,11 @@ impl Kernel {
                 };
                 let e = t * freqs.clone();
                 let (s, c) = (e.clone().sin(), e.cos());
-                Value::R2(if *flip {
-                    Tensor::cat(vec![c, s], 1)
-                } else {
-                    Tensor::cat(vec![s, c], 1)
-                })
+                let mut parts = if *flip { vec![c, s] } else { vec![s, c] };
+                if *pad {
+                    parts.push(Tensor::<2>::zeros([*batch, 1], &freqs.device()));
+                }
+                Value::R2(Tensor::cat(parts, 1))
             }
             Kernel::Linear(l) => match arg(0) {
                 Value::R2(x) => Value::R2(l.apply(x)),
@@ -528,6 +576,7 @@ impl Kernel {
                 Value::R3(x) => Value::R3(silu(x)),
                 Value::R4(x) => Value::R4(silu(x)),
                 Value::R1(x) => Value::R1(silu(x)),
+                v => panic!("silu on {:?}", v.dims()),
             },
             Kernel::Resnet(r) => {
                 let ResnetW {
@@ -656,6 +705,40 @@ impl Kernel {
                     (true, _) => Value::R3(p.mean_dim(1).reshape([r, nq, nk])),
                 }
             }
+            Kernel::KvGather { index } => {
+                let x = arg(0).r3();
+                let dev = x.device();
+                let parts: Vec<Tensor<3>> =
+                    index.iter().map(|ix| pick(x.clone(), ix, &dev)).collect();
+                Value::R3(Tensor::cat(parts, 1))
+            }
+            Kernel::TomeMatch {
+                grid,
+                sx,
+                sy,
+                r,
+                seed,
+            } => {
+                let m = arg(0).r3();
+                let dev = m.device();
+                let [b, n, c] = m.dims();
+                let host = m
+                    .into_data()
+                    .convert::<f32>()
+                    .try_into_vec::<f32>()
+                    .expect("f32 data after convert");
+                Value::Plan(std::sync::Arc::new(super::tome::plan(
+                    &host, b, n, c, *grid, *sx, *sy, *r, *seed, &dev,
+                )))
+            }
+            Kernel::TomeMerge => {
+                let (x, p) = (arg(0).r3(), arg(1).plan());
+                Value::R3(p.merge(x))
+            }
+            Kernel::TomeUnmerge => {
+                let (y, p) = (arg(0).r3(), arg(1).plan());
+                Value::R3(p.unmerge(y))
+            }
             Kernel::AttnMix { heads, items } => {
                 let (q, k, v, p) = (arg(0).r3(), arg(1).r3(), arg(2).r3(), arg(3).r4());
                 let dev = q.device();
@@ -702,6 +785,7 @@ fn reshape(x: Value, shape: &[usize]) -> Value {
         Value::R2(t) => to!(t),
         Value::R3(t) => to!(t),
         Value::R4(t) => to!(t),
+        Value::Plan(_) => panic!("reshape of a merge plan"),
     }
 }
 

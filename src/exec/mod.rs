@@ -7,6 +7,7 @@
 //! Try it: `rewire forward models/tiny-sd --inputs tests/fixtures/unet_cases/baseline.safetensors --out /tmp/out.safetensors`.
 
 mod kernels;
+pub mod tome;
 
 pub use kernels::{AttentionImpl, Kernel, Value};
 
@@ -101,7 +102,19 @@ impl Plan {
         device: &Device,
         opts: LowerOptions,
     ) -> Result<Plan, ExecError> {
-        let order = graph.topo()?;
+        // Only what an output needs is computed (a reference pass stops at its last record).
+        let mut live = std::collections::HashSet::new();
+        let mut stack: Vec<_> = graph.outputs().into_iter().map(|(_, n)| n).collect();
+        while let Some(n) = stack.pop() {
+            if live.insert(n) {
+                stack.extend(graph.inputs_of(n));
+            }
+        }
+        let order: Vec<_> = graph
+            .topo()?
+            .into_iter()
+            .filter(|n| live.contains(n))
+            .collect();
         let slot: HashMap<_, _> = order.iter().enumerate().map(|(i, &n)| (n, i)).collect();
         // The last step reading each slot.
         let mut last_reader = vec![usize::MAX; order.len()];

@@ -278,6 +278,26 @@ pub enum Op {
         heads: usize,
         items: Vec<usize>,
     },
+    /// Tokens of other batch items concatenated along the sequence: for each source `s`, item
+    /// `b` reads item `index[s][b]` (cross-frame and sparse-causal K/V).
+    KvGather {
+        index: Vec<Vec<usize>>,
+    },
+    /// tomesd's bipartite soft matching on a metric `[B, N, C]` over an `h × w` token grid:
+    /// each `sy × sx` cell's destination token (top-left, or random with `seed`) receives the
+    /// most similar other tokens, `r` of them at most. Its output is a merge plan, typed
+    /// `[B, N, M]` with `M` the merged token count.
+    TomeMatch {
+        grid: (usize, usize),
+        sx: usize,
+        sy: usize,
+        r: usize,
+        seed: Option<u64>,
+    },
+    /// Mean-merges tokens by a plan (inputs x `[B, N, C]`, plan `[B, N, M]`): `[B, M, C]`.
+    TomeMerge,
+    /// Copies merged tokens back to every token they hold (inputs y `[B, M, C]`, plan).
+    TomeUnmerge,
 }
 
 impl Op {
@@ -309,6 +329,10 @@ impl Op {
             Op::ProbsReplace { .. } => "probs_replace",
             Op::ProbsStore { .. } => "probs_store",
             Op::AttnMix { .. } => "attn_mix",
+            Op::KvGather { .. } => "kv_gather",
+            Op::TomeMatch { .. } => "tome_match",
+            Op::TomeMerge => "tome_merge",
+            Op::TomeUnmerge => "tome_unmerge",
         }
     }
 
@@ -316,7 +340,12 @@ impl Op {
     pub fn arity(&self) -> usize {
         match self {
             Op::Input { .. } => 0,
-            Op::Resnet { .. } | Op::Add { .. } | Op::Concat { .. } | Op::AttnProbs { .. } => 2,
+            Op::Resnet { .. }
+            | Op::Add { .. }
+            | Op::Concat { .. }
+            | Op::AttnProbs { .. }
+            | Op::TomeMerge
+            | Op::TomeUnmerge => 2,
             Op::Attention(_) => 3,
             Op::AttnMix { .. } => 4,
             _ => 1,
@@ -492,13 +521,6 @@ impl Op {
             Op::Attention(a) => {
                 let (q, k, v) = (inputs[0], inputs[1], inputs[2]);
                 attn_qkv(a.heads, q, k, v)?;
-                want(
-                    q[1] == a.queries && k[1] == a.keys,
-                    format!(
-                        "queries × keys are {} × {}, the layer was typed for {} × {}",
-                        q[1], k[1], a.queries, a.keys
-                    ),
-                )?;
                 Ok(vec![q[0], q[1], v[2]])
             }
             Op::ScaleKeys { keys, weights } => {
@@ -584,6 +606,55 @@ impl Op {
                     s.remove(0);
                 }
                 Ok(s)
+            }
+            Op::KvGather { index } => {
+                let x = inputs[0];
+                want(
+                    x.len() == 3
+                        && !index.is_empty()
+                        && index
+                            .iter()
+                            .all(|ix| ix.len() == x[0] && ix.iter().all(|&i| i < x[0])),
+                    format!(
+                        "input {x:?} does not fit a gather over {} sources",
+                        index.len()
+                    ),
+                )?;
+                Ok(vec![x[0], x[1] * index.len(), x[2]])
+            }
+            Op::TomeMatch {
+                grid, sx, sy, r, ..
+            } => {
+                let x = inputs[0];
+                want(
+                    x.len() == 3 && x[1] == grid.0 * grid.1,
+                    format!("metric {x:?} is not [B, {}·{}, C]", grid.0, grid.1),
+                )?;
+                want(
+                    *sx > 0 && *sy > 0 && *sx <= grid.1 && *sy <= grid.0,
+                    format!("{sx}×{sy} cells do not fit the {}×{} grid", grid.1, grid.0),
+                )?;
+                Ok(vec![
+                    x[0],
+                    x[1],
+                    x[1] - tome_merged(x[1], *grid, *sx, *sy, *r),
+                ])
+            }
+            Op::TomeMerge => {
+                let (x, p) = (inputs[0], inputs[1]);
+                want(
+                    x.len() == 3 && p.len() == 3 && x[0] == p[0] && x[1] == p[1],
+                    format!("tokens {x:?} do not fit the merge plan {p:?}"),
+                )?;
+                Ok(vec![x[0], p[2], x[2]])
+            }
+            Op::TomeUnmerge => {
+                let (y, p) = (inputs[0], inputs[1]);
+                want(
+                    y.len() == 3 && p.len() == 3 && y[0] == p[0] && y[1] == p[2],
+                    format!("merged tokens {y:?} do not fit the merge plan {p:?}"),
+                )?;
+                Ok(vec![y[0], p[1], y[2]])
             }
             Op::AttnMix { heads, items } => {
                 let (q, k, v, p) = (inputs[0], inputs[1], inputs[2], inputs[3]);
@@ -700,6 +771,12 @@ impl Op {
             _ => n(out),
         }
     }
+}
+
+/// How many of `n` tokens tomesd's matching merges: `r`, at most the non-destination tokens.
+pub fn tome_merged(n: usize, grid: (usize, usize), sx: usize, sy: usize, r: usize) -> usize {
+    let dst = (grid.0 / sy.max(1)) * (grid.1 / sx.max(1));
+    r.min(n.saturating_sub(dst))
 }
 
 /// Checks the q, k, v shapes of one attention: `[B, Nq, h·dq]`, `[B, Nk, h·dq]`, `[B, Nk, h·dv]`.
@@ -916,6 +993,18 @@ impl Graph {
                     op: node.op.name().into(),
                     message,
                 })?;
+            if let Op::Attention(a) = &node.op
+                && (shapes[0][1] != a.queries || shapes[1][1] != a.keys)
+            {
+                return Err(GraphError::Shape {
+                    path: node.path.clone(),
+                    op: node.op.name().into(),
+                    message: format!(
+                        "queries × keys are {} × {}, the layer is typed {} × {}",
+                        shapes[0][1], shapes[1][1], a.queries, a.keys
+                    ),
+                });
+            }
             if inferred != node.shape {
                 return Err(GraphError::Shape {
                     path: node.path.clone(),
@@ -949,6 +1038,45 @@ impl Graph {
             }
         }
         out
+    }
+
+    /// Re-infers every node's shape (and attention layers' query and key counts) from the
+    /// inputs, in topological order, and rewrites every wire's shape: what a patch that changed
+    /// token counts upstream runs before the consistency check.
+    pub fn reinfer(&mut self) -> Result<(), GraphError> {
+        for n in self.topo()? {
+            let edges = self.input_edges(n);
+            let srcs: Vec<NodeIndex> = edges
+                .iter()
+                .map(|&e| self.g.edge_endpoints(e).expect("edge").0)
+                .collect();
+            let shapes: Vec<Shape> = srcs.iter().map(|&s| self.g[s].shape.clone()).collect();
+            for (e, s) in edges.iter().zip(&shapes) {
+                self.g[*e].shape = s.clone();
+            }
+            let node = &self.g[n];
+            if edges.len() != node.op.arity() {
+                return Err(GraphError::Arity {
+                    path: node.path.clone(),
+                    op: node.op.name().into(),
+                    expected: node.op.arity(),
+                    found: edges.len(),
+                });
+            }
+            let refs: Vec<&[usize]> = shapes.iter().map(|s| s.as_slice()).collect();
+            let shape = node.op.infer(&refs).map_err(|message| GraphError::Shape {
+                path: node.path.clone(),
+                op: node.op.name().into(),
+                message,
+            })?;
+            let node = &mut self.g[n];
+            if let Op::Attention(a) = &mut node.op {
+                a.queries = shapes[0][1];
+                a.keys = shapes[1][1];
+            }
+            node.shape = shape;
+        }
+        Ok(())
     }
 
     /// Totals for listings: op count, parameter count, estimated FLOPs.

@@ -3,7 +3,7 @@
 //! left without consumers. [`Graph::apply`] applies one; the pass runner checks the graph after
 //! each.
 
-use super::{Graph, GraphError, Op, Wire};
+use super::{Graph, GraphError, Node, Op, Wire};
 use petgraph::Direction;
 use petgraph::stable_graph::NodeIndex;
 use petgraph::visit::EdgeRef;
@@ -24,6 +24,8 @@ pub struct Patch {
     pub nodes: Vec<(String, Op, Vec<Src>)>,
     /// Every consumer of the first node (outside this patch) reads the second instead.
     pub reroute: Vec<(NodeIndex, Src)>,
+    /// Input `port` of an existing consumer reads another node.
+    pub rewire: Vec<(NodeIndex, usize, Src)>,
     /// Nodes to remove; they must have no consumers left once rerouted.
     pub remove: Vec<NodeIndex>,
 }
@@ -44,21 +46,35 @@ impl Patch {
 }
 
 impl Graph {
-    /// Applies a patch; returns the indices of the nodes it added.
+    /// Applies a patch, then re-infers every shape; returns the indices of the nodes it added.
     pub fn apply(&mut self, patch: &Patch) -> Result<Vec<NodeIndex>, GraphError> {
         let mut added: Vec<NodeIndex> = Vec::with_capacity(patch.nodes.len());
         let resolve = |s: Src, added: &[NodeIndex]| match s {
             Src::Old(n) => n,
             Src::New(i) => added[i],
         };
+        // Nodes go in unshaped: upstream shapes may change with this very patch.
         for (path, op, inputs) in &patch.nodes {
-            let ins: Vec<NodeIndex> = inputs.iter().map(|&s| resolve(s, &added)).collect();
-            let id = self.add(path.clone(), op.clone(), &ins)?;
+            let id = self.g.add_node(Node {
+                path: path.clone(),
+                op: op.clone(),
+                shape: vec![],
+            });
+            for (port, &s) in inputs.iter().enumerate() {
+                let src = resolve(s, &added);
+                self.g.add_edge(
+                    src,
+                    id,
+                    Wire {
+                        port,
+                        shape: vec![],
+                    },
+                );
+            }
             added.push(id);
         }
         for &(old, new) in &patch.reroute {
             let new = resolve(new, &added);
-            let shape = self.g[new].shape.clone();
             let edges: Vec<_> = self
                 .g
                 .edges_directed(old, Direction::Outgoing)
@@ -72,14 +88,35 @@ impl Graph {
                     target,
                     Wire {
                         port,
-                        shape: shape.clone(),
+                        shape: vec![],
                     },
                 );
             }
         }
+        for &(consumer, port, new) in &patch.rewire {
+            let new = resolve(new, &added);
+            let old: Vec<_> = self
+                .g
+                .edges_directed(consumer, Direction::Incoming)
+                .filter(|e| e.weight().port == port)
+                .map(|e| e.id())
+                .collect();
+            for e in old {
+                self.g.remove_edge(e);
+            }
+            self.g.add_edge(
+                new,
+                consumer,
+                Wire {
+                    port,
+                    shape: vec![],
+                },
+            );
+        }
         for &n in &patch.remove {
             self.g.remove_node(n);
         }
+        self.reinfer()?;
         Ok(added)
     }
 }

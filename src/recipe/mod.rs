@@ -183,9 +183,67 @@ pub enum Reduce {
 fn default_store_name() -> String {
     "probs".into()
 }
+fn two() -> usize {
+    2
+}
+fn one() -> usize {
+    1
+}
+fn yes() -> bool {
+    true
+}
+
+/// Which frame of the same group (`[uncond f0..fN-1, cond f0..fN-1]`) a frame reads K/V from.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+pub enum FrameSrc {
+    /// Frame 0 (Text2Video-Zero's cross-frame attention).
+    First,
+    /// The previous frame, clipped to frame 0 (same as `Offset(-1)`).
+    Prev,
+    /// Frame `N / 2`.
+    Mid,
+    /// Frame `N − 1`.
+    Last,
+    /// Frame `i + k`, clipped to the clip.
+    Offset(i64),
+}
+
+impl FrameSrc {
+    /// The frame that frame `i` of `n` reads.
+    pub fn frame(&self, i: usize, n: usize) -> usize {
+        let last = n as i64 - 1;
+        let f = match *self {
+            FrameSrc::First => 0,
+            FrameSrc::Prev => i as i64 - 1,
+            FrameSrc::Mid => (n / 2) as i64,
+            FrameSrc::Last => last,
+            FrameSrc::Offset(k) => (i as i64).saturating_add(k),
+        };
+        f.clamp(0, last) as usize
+    }
+}
+
+/// Where replaced K/V come from.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub enum KvSource {
+    /// Other frames of the batch, concatenated along the sequence in the order given.
+    Frames(Vec<FrameSrc>),
+    /// The K/V input recorded at the same layer by a named reference pass.
+    Reference(String),
+}
+
+/// Whether replaced K/V stand alone or are joined to the layer's own.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub enum KvMode {
+    #[default]
+    Replace,
+    /// The source's K/V first, then the layer's own.
+    ConcatWithSelf,
+}
 
 /// The op a rewrite inserts.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
 pub enum RewriteOp {
     /// prompt-to-prompt's equalizer: cross-attention probabilities multiplied per key token,
     /// optionally renormalised per query row.
@@ -216,6 +274,45 @@ pub enum RewriteOp {
         #[serde(default)]
         self_max_queries: Option<usize>,
     },
+    /// Self-attention K/V taken from other frames or from a reference pass.
+    ReplaceKv {
+        source: KvSource,
+        #[serde(default)]
+        mode: KvMode,
+        /// Frames per group for `Frames` sources (else `--frames`).
+        #[serde(default)]
+        frames: Option<usize>,
+    },
+    /// ToMe on K and V only: tomesd's bipartite matching computed from the layer input merges
+    /// the K/V tokens before the projections; Q keeps every token; no unmerge.
+    MergeKv {
+        ratio: f64,
+        #[serde(default = "two")]
+        sx: usize,
+        #[serde(default = "two")]
+        sy: usize,
+        /// Random destination per cell (seeded) instead of the top-left token.
+        #[serde(default)]
+        random: Option<u64>,
+    },
+    /// tomesd: merge the block's tokens before its attention (`attn`), cross-attention
+    /// (`cross`) and feed-forward (`mlp`), unmerge after; blocks downsampled at most
+    /// `max_downsample` times.
+    MergeTokens {
+        ratio: f64,
+        #[serde(default = "two")]
+        sx: usize,
+        #[serde(default = "two")]
+        sy: usize,
+        #[serde(default = "one")]
+        max_downsample: usize,
+        #[serde(default = "yes")]
+        attn: bool,
+        #[serde(default)]
+        cross: bool,
+        #[serde(default)]
+        mlp: bool,
+    },
 }
 
 impl RewriteOp {
@@ -224,7 +321,18 @@ impl RewriteOp {
             RewriteOp::Reweight { .. } => "Reweight",
             RewriteOp::Store { .. } => "Store",
             RewriteOp::ReplaceMaps { .. } => "ReplaceMaps",
+            RewriteOp::ReplaceKv { .. } => "ReplaceKv",
+            RewriteOp::MergeKv { .. } => "MergeKv",
+            RewriteOp::MergeTokens { .. } => "MergeTokens",
         }
+    }
+
+    /// Whether the op changes what attention attends to (K/V or the token set).
+    pub fn is_kv(&self) -> bool {
+        matches!(
+            self,
+            RewriteOp::ReplaceKv { .. } | RewriteOp::MergeKv { .. } | RewriteOp::MergeTokens { .. }
+        )
     }
 }
 
@@ -255,7 +363,7 @@ impl Source {
                     "see docs/recipes.md for the fields of each part of a recipe".to_string()
                 }
                 ron::Error::NoSuchEnumVariant { .. } => {
-                    "ops are Reweight, Store and ReplaceMaps; see docs/recipes.md".to_string()
+                    "ops are Reweight, Store, ReplaceMaps, ReplaceKv, MergeKv and MergeTokens; see docs/recipes.md".to_string()
                 }
                 _ => "see docs/recipes.md for the recipe grammar".to_string(),
             };
