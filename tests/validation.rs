@@ -199,7 +199,8 @@ fn unknown_op_is_located() {
     let (l, _) = pos_of(&r, "Frobnicate");
     assert!(e.starts_with(&format!("recipe.ron:{l}:")), "{e}");
     assert!(
-        e.contains("Frobnicate") && e.contains("Reweight, Store, ReplaceMaps, ReplaceKv, MergeKv and MergeTokens"),
+        e.contains("Frobnicate")
+            && e.contains("Reweight, Store, ReplaceMaps, ReplaceKv, MergeKv and MergeTokens"),
         "{e}"
     );
 }
