@@ -14,6 +14,7 @@
 
 pub mod diff;
 pub mod plan_file;
+pub mod store;
 
 use crate::graph::patch::{Patch, Src};
 use crate::graph::{AttnInfo, AttnKind, Graph, GraphError, InputSpec, Op};
@@ -124,6 +125,8 @@ pub struct Compiled {
     pub unbound_words: Vec<usize>,
     /// K/V inputs the reference passes must record (only the layers a rewrite reads).
     pub records: Vec<Record>,
+    /// Store outputs (`probs.<layer>`) and how each combines the steps of a run.
+    pub stores: BTreeMap<String, crate::recipe::Reduce>,
 }
 
 impl Compiled {
@@ -896,6 +899,14 @@ pub fn compile_graph(
     // ---- apply and fuse, per segment ----
     let mut out = Vec::new();
     let mut records: Vec<Record> = Vec::new();
+    let mut stores: BTreeMap<String, crate::recipe::Reduce> = BTreeMap::new();
+    for (path, ls) in &landings {
+        for l in ls {
+            if let RewriteOp::Store { reduce, .. } = &recipe.rewrites[l.rewrite].op {
+                stores.insert(format!("probs.{path}"), *reduce);
+            }
+        }
+    }
     for seg in segments {
         let mut graph = base.clone();
         let mut reports = Vec::new();
@@ -1051,6 +1062,7 @@ pub fn compile_graph(
         segments: out,
         unbound_words,
         records,
+        stores,
     })
 }
 

@@ -74,6 +74,8 @@ pub struct PlanFile {
     pub steps: Option<usize>,
     #[serde(default)]
     records: Vec<super::Record>,
+    #[serde(default)]
+    stores: std::collections::BTreeMap<String, crate::recipe::Reduce>,
     segments: Vec<SegmentFile>,
     checksum: String,
 }
@@ -111,6 +113,7 @@ impl PlanFile {
             spec: c.spec,
             steps: c.steps,
             records: c.records.clone(),
+            stores: c.stores.clone(),
             segments: c
                 .segments
                 .iter()
@@ -200,6 +203,7 @@ impl PlanFile {
             segments,
             unbound_words: vec![],
             records: self.records.clone(),
+            stores: self.stores.clone(),
         })
     }
 }

@@ -720,15 +720,8 @@ impl Kernel {
                 seed,
             } => {
                 let m = arg(0).r3();
-                let dev = m.device();
-                let [b, n, c] = m.dims();
-                let host = m
-                    .into_data()
-                    .convert::<f32>()
-                    .try_into_vec::<f32>()
-                    .expect("f32 data after convert");
                 Value::Plan(std::sync::Arc::new(super::tome::plan(
-                    &host, b, n, c, *grid, *sx, *sy, *r, *seed, &dev,
+                    m, *grid, *sx, *sy, *r, *seed,
                 )))
             }
             Kernel::TomeMerge => {

@@ -19,25 +19,17 @@ pub struct MergePlan {
     pub inv_count: Tensor<3>,
 }
 
-/// The slots of one item: tomesd's matching on `metric` (`n × c`, row-major tokens of an
-/// `h × w` grid). Returns (slot per token, number of slots).
-#[allow(clippy::too_many_arguments)]
-pub fn match_item(
-    metric: &[f32],
+/// The destination tokens of an `h × w` grid: one per `sy × sx` cell (top-left unless random,
+/// one pattern for the whole batch, like tomesd's rand_idx). Returns (dst, src) token indices.
+pub fn split_tokens(
     n: usize,
-    c: usize,
     (h, w): (usize, usize),
     sx: usize,
     sy: usize,
-    r: usize,
     seed: Option<u64>,
-    item: usize,
-) -> (Vec<usize>, usize) {
+) -> (Vec<usize>, Vec<usize>) {
     let (hsy, wsx) = (h / sy, w / sx);
-    // Destination tokens: one per sy × sx cell (top-left unless random).
     let mut is_dst = vec![false; n];
-    // One pattern for the whole batch, like tomesd's rand_idx (cond and uncond merge alike).
-    let _ = item;
     let mut rng = seed;
     for cy in 0..hsy {
         for cx in 0..wsx {
@@ -54,82 +46,86 @@ pub fn match_item(
             is_dst[(cy * sy + oy) * w + cx * sx + ox] = true;
         }
     }
-    let dst: Vec<usize> = (0..n).filter(|&i| is_dst[i]).collect();
-    let src: Vec<usize> = (0..n).filter(|&i| !is_dst[i]).collect();
+    let dst = (0..n).filter(|&i| is_dst[i]).collect();
+    let src = (0..n).filter(|&i| !is_dst[i]).collect();
+    (dst, src)
+}
+
+/// The slots of one item from each src token's best dst (`best[a] = (similarity, dst index)`):
+/// the `r` most similar src tokens join their dst (stable on ties, like torch's CPU sort).
+/// Returns (slot per token, number of slots).
+pub fn assign(
+    n: usize,
+    dst: &[usize],
+    src: &[usize],
+    best: &[(f32, usize)],
+    r: usize,
+) -> (Vec<usize>, usize) {
     let r = r.min(src.len());
-    // Cosine similarity of every src token to every dst token.
-    let norm: Vec<f32> = (0..n)
-        .map(|i| {
-            let row = &metric[i * c..(i + 1) * c];
-            row.iter().map(|x| x * x).sum::<f32>().sqrt()
-        })
-        .collect();
-    let mut best: Vec<(f32, usize, usize)> = src
-        .iter()
-        .enumerate()
-        .map(|(a, &i)| {
-            let ri = &metric[i * c..(i + 1) * c];
-            let mut max = f32::NEG_INFINITY;
-            let mut arg = 0;
-            for (b, &j) in dst.iter().enumerate() {
-                let rj = &metric[j * c..(j + 1) * c];
-                let mut dot = 0f32;
-                for k in 0..c {
-                    dot += (ri[k] / norm[i]) * (rj[k] / norm[j]);
-                }
-                if dot > max {
-                    max = dot;
-                    arg = b;
-                }
-            }
-            (max, a, arg)
-        })
-        .collect();
-    // The r most similar src tokens merge into their best dst (stable on ties).
-    best.sort_by(|x, y| y.0.partial_cmp(&x.0).unwrap_or(std::cmp::Ordering::Equal));
+    let mut order: Vec<usize> = (0..src.len()).collect();
+    order.sort_by(|&x, &y| {
+        best[y]
+            .0
+            .partial_cmp(&best[x].0)
+            .unwrap_or(std::cmp::Ordering::Equal)
+    });
     let unmerged = src.len() - r;
     let mut slot = vec![0usize; n];
-    for (pos, &(_, a, _)) in best[r..].iter().enumerate() {
+    for (pos, &a) in order[r..].iter().enumerate() {
         slot[src[a]] = pos;
     }
     for (b, &j) in dst.iter().enumerate() {
         slot[j] = unmerged + b;
     }
-    for &(_, a, b) in &best[..r] {
-        slot[src[a]] = unmerged + b;
+    for &a in &order[..r] {
+        slot[src[a]] = unmerged + best[a].1;
     }
     (slot, unmerged + dst.len())
 }
 
-/// Builds the plan for a batch from the metric `[B, N, C]` on the host.
+fn index(idx: &[usize], dev: &Device) -> Tensor<1, Int> {
+    let v: Vec<i64> = idx.iter().map(|&i| i as i64).collect();
+    Tensor::<1, Int>::from_data(TensorData::new(v, [idx.len()]), dev)
+}
+
+/// Builds the plan for a batch from the metric `[B, N, C]`: cosine similarities of src to dst
+/// tokens by a device matmul; only each src token's best dst comes back to the host.
 #[allow(clippy::too_many_arguments)]
 pub fn plan(
-    metric: &[f32],
-    b: usize,
-    n: usize,
-    c: usize,
+    metric: Tensor<3>,
     grid: (usize, usize),
     sx: usize,
     sy: usize,
     r: usize,
     seed: Option<u64>,
-    device: &Device,
 ) -> MergePlan {
+    let device = metric.device();
+    let [b, n, _] = metric.dims();
+    let (dst, src) = split_tokens(n, grid, sx, sy, seed);
+    let norm = metric.clone().square().sum_dim(2).sqrt();
+    let unit = metric / norm;
+    let a = unit.clone().select(1, index(&src, &device));
+    let d = unit.select(1, index(&dst, &device));
+    let (max, arg) = a.matmul(d.swap_dims(1, 2)).max_dim_with_indices(2);
+    let max: Vec<f32> = max
+        .into_data()
+        .convert::<f32>()
+        .try_into_vec::<f32>()
+        .expect("f32 data after convert");
+    let arg: Vec<i64> = arg
+        .into_data()
+        .convert::<i64>()
+        .try_into_vec::<i64>()
+        .expect("i64 data after convert");
+    let ns = src.len();
     let mut slots = Vec::with_capacity(b * n);
     let mut inv = Vec::new();
     let mut merged = 0;
     for item in 0..b {
-        let (slot, m) = match_item(
-            &metric[item * n * c..(item + 1) * n * c],
-            n,
-            c,
-            grid,
-            sx,
-            sy,
-            r,
-            seed,
-            item,
-        );
+        let best: Vec<(f32, usize)> = (0..ns)
+            .map(|a| (max[item * ns + a], arg[item * ns + a] as usize))
+            .collect();
+        let (slot, m) = assign(n, &dst, &src, &best, r);
         let mut count = vec![0f32; m];
         for &s in &slot {
             count[s] += 1.0;
@@ -142,8 +138,8 @@ pub fn plan(
         batch: b,
         tokens: n,
         merged,
-        slot: Tensor::<3, Int>::from_data(TensorData::new(slots, [b, n, 1]), device),
-        inv_count: Tensor::<3>::from_data(TensorData::new(inv, [b, merged, 1]), device),
+        slot: Tensor::<3, Int>::from_data(TensorData::new(slots, [b, n, 1]), &device),
+        inv_count: Tensor::<3>::from_data(TensorData::new(inv, [b, merged, 1]), &device),
     }
 }
 
@@ -169,12 +165,16 @@ mod tests {
 
     #[test]
     fn top_left_destinations_and_most_similar_sources() {
-        // 2×2 grid, one cell: token 0 is dst; tokens 1..3 src; merge the most similar one.
-        let metric = [1.0, 0.0, 0.0, 1.0, 0.9, 0.1, -1.0, 0.0];
-        let (slot, m) = match_item(&metric, 4, 2, (2, 2), 2, 2, 1, None, 0);
-        assert_eq!(m, 3);
-        assert_eq!(slot[2], slot[0], "token 2 is closest to the dst token 0");
-        assert_ne!(slot[1], slot[3]);
-        assert_ne!(slot[1], slot[0]);
+        let (dst, src) = split_tokens(16, (4, 4), 2, 2, None);
+        assert_eq!(dst, vec![0, 2, 8, 10]);
+        assert_eq!(src.len(), 12);
+        // src 1 is most like dst 0, src 3 like dst 1; merge the single most similar.
+        let mut best = vec![(0.1f32, 0usize); 12];
+        best[0] = (0.9, 0);
+        best[1] = (0.5, 1);
+        let (slot, m) = assign(16, &dst, &src, &best, 1);
+        assert_eq!(m, 15);
+        assert_eq!(slot[src[0]], slot[0], "the most similar src joins its dst");
+        assert_ne!(slot[src[1]], slot[2]);
     }
 }
