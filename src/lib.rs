@@ -13,5 +13,6 @@ pub mod exec;
 pub mod graph;
 pub mod io;
 pub mod recipe;
+pub mod scheduler;
 pub mod unet;
 pub mod weights;

@@ -1,0 +1,112 @@
+//! diffusers' `DDIMScheduler` with `eta = 0` (deterministic DDIM, what Stable Diffusion pipelines
+//! run): timesteps by `timestep_spacing`, then `x_prev = sqrt(ᾱ_prev)·x̂₀ + sqrt(1 - ᾱ_prev)·ε̂`.
+
+use super::{
+    Common, ConfigReader, Prediction, SchedulerConfig, SchedulerError, Spacing, check_len,
+    integral, np_arange, np_linspace,
+};
+
+/// `DDIMScheduler` (eta 0, `clip_sample: false`, no thresholding).
+#[derive(Debug, Clone)]
+pub struct Ddim {
+    common: Common,
+    /// `alphas_cumprod[0]`, or 1 with `set_alpha_to_one`: ᾱ before the first training step.
+    final_alpha_cumprod: f32,
+    num_inference_steps: usize,
+    timesteps: Vec<f64>,
+}
+
+impl Ddim {
+    pub const CLASS: &'static str = "DDIMScheduler";
+
+    /// Reads the fields `DDIMScheduler` uses (with its defaults: `clip_sample: true`, which rewire
+    /// refuses, `set_alpha_to_one: true`, `timestep_spacing: "leading"`).
+    pub fn from_config(config: &SchedulerConfig) -> Result<Self, SchedulerError> {
+        let r = ConfigReader {
+            config,
+            class: Self::CLASS,
+        };
+        let common = r.common(Spacing::Leading)?;
+        r.require_bool("clip_sample", true, false)?;
+        r.require_bool("thresholding", false, false)?;
+        let set_alpha_to_one = r.bool("set_alpha_to_one", true)?;
+        let final_alpha_cumprod = if set_alpha_to_one {
+            1.0
+        } else {
+            common.alphas_cumprod[0]
+        };
+        Ok(Self {
+            common,
+            final_alpha_cumprod,
+            num_inference_steps: 0,
+            timesteps: Vec::new(),
+        })
+    }
+
+    pub fn set_timesteps(&mut self, n: usize) -> Result<(), SchedulerError> {
+        self.common.check_steps(n)?;
+        let t_train = self.common.num_train_timesteps;
+        let ts: Vec<i64> = match self.common.spacing {
+            Spacing::Linspace => np_linspace(0.0, (t_train - 1) as f64, n)
+                .into_iter()
+                .rev()
+                .map(|v| v.round_ties_even() as i64)
+                .collect(),
+            Spacing::Leading => {
+                let ratio = (t_train / n) as i64;
+                (0..n as i64)
+                    .rev()
+                    .map(|i| i * ratio + self.common.steps_offset)
+                    .collect()
+            }
+            Spacing::Trailing => {
+                let ratio = t_train as f64 / n as f64;
+                np_arange(t_train as f64, 0.0, -ratio)
+                    .into_iter()
+                    .map(|v| v.round_ties_even() as i64 - 1)
+                    .collect()
+            }
+        };
+        self.num_inference_steps = n;
+        self.timesteps = ts.into_iter().map(|t| t as f64).collect();
+        Ok(())
+    }
+
+    pub fn timesteps(&self) -> &[f64] {
+        &self.timesteps
+    }
+
+    /// `DDIMScheduler.step` with `eta = 0`, in float32 as torch computes it.
+    pub fn step(&mut self, model_output: &[f32], t: f64, sample: &[f32]) -> Vec<f32> {
+        assert!(
+            self.num_inference_steps > 0,
+            "{}: call set_timesteps before step",
+            Self::CLASS
+        );
+        check_len(Self::CLASS, model_output, sample);
+        let t = integral(Self::CLASS, t);
+        let prev_t = t - (self.common.num_train_timesteps / self.num_inference_steps) as i64;
+        let alpha_prod_t = self.common.alpha_prod(t);
+        let alpha_prod_t_prev = if prev_t >= 0 {
+            self.common.alpha_prod(prev_t)
+        } else {
+            self.final_alpha_cumprod
+        };
+        let beta_prod_t = 1.0 - alpha_prod_t;
+        let (sqrt_a, sqrt_b) = (alpha_prod_t.sqrt(), beta_prod_t.sqrt());
+        let sqrt_a_prev = alpha_prod_t_prev.sqrt();
+        // sqrt(1 - ᾱ_prev - std_dev_t²) with std_dev_t = eta · sqrt(variance) = 0.
+        let dir_coeff = (1.0 - alpha_prod_t_prev).sqrt();
+        model_output
+            .iter()
+            .zip(sample)
+            .map(|(&m, &x)| {
+                let (x0, eps) = match self.common.prediction {
+                    Prediction::Epsilon => ((x - sqrt_b * m) / sqrt_a, m),
+                    Prediction::V => (sqrt_a * x - sqrt_b * m, sqrt_a * m + sqrt_b * x),
+                };
+                sqrt_a_prev * x0 + dir_coeff * eps
+            })
+            .collect()
+    }
+}
