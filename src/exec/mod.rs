@@ -39,6 +39,10 @@ pub enum ExecError {
     },
 }
 
+/// Kernels with weights already on the device, by node path and op.
+#[derive(Debug, Default)]
+pub struct KernelCache(HashMap<String, Kernel>);
+
 /// Options that pick kernels at lowering time.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct LowerOptions {
@@ -102,6 +106,19 @@ impl Plan {
         device: &Device,
         opts: LowerOptions,
     ) -> Result<Plan, ExecError> {
+        Plan::lower_shared(graph, weights, device, opts, &mut KernelCache::default())
+    }
+
+    /// As [`Plan::lower`], reusing the kernels (and so the device weights) of nodes already
+    /// lowered through `cache`: the plans of a recipe's step segments share one copy of the
+    /// weights.
+    pub fn lower_shared(
+        graph: &Graph,
+        weights: &dyn WeightSource,
+        device: &Device,
+        opts: LowerOptions,
+        cache: &mut KernelCache,
+    ) -> Result<Plan, ExecError> {
         // Only what an output needs is computed (a reference pass stops at its last record).
         let mut live = std::collections::HashSet::new();
         let mut stack: Vec<_> = graph.outputs().into_iter().map(|(_, n)| n).collect();
@@ -141,7 +158,19 @@ impl Plan {
                 Op::Output { name } => outputs.push((name.clone(), i)),
                 _ => {}
             }
-            let kernel = Kernel::lower(&node.path, &node.op, weights, device, opts)?;
+            let kernel = if node.op.weights().is_empty() {
+                Kernel::lower(&node.path, &node.op, weights, device, opts)?
+            } else {
+                let key = format!("{}|{:?}", node.path, node.op);
+                match cache.0.get(&key) {
+                    Some(k) => k.clone(),
+                    None => {
+                        let k = Kernel::lower(&node.path, &node.op, weights, device, opts)?;
+                        cache.0.insert(key, k.clone());
+                        k
+                    }
+                }
+            };
             steps.push(Step {
                 label: node.label(),
                 kernel,
