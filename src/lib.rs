@@ -7,12 +7,16 @@
 //! Try it: `cargo run --release -- inspect models/tiny-sd`.
 
 pub mod backend;
+pub mod clip;
 pub mod compile;
 pub mod config;
 pub mod exec;
 pub mod graph;
 pub mod io;
+pub mod picture;
+pub mod pipeline;
 pub mod recipe;
 pub mod scheduler;
 pub mod unet;
+pub mod vae;
 pub mod weights;

@@ -96,6 +96,41 @@ enum Cmd {
         #[arg(long)]
         reference: Option<PathBuf>,
     },
+    /// Text to image: prompts → text encoder → denoising loop with CFG (and a recipe's
+    /// rewrites) → VAE → PNG; Store rewrites also write their maps and heat-map PNGs.
+    Run {
+        /// A diffusers pipeline folder (unet/, text_encoder/, tokenizer/, vae/, scheduler/).
+        model: PathBuf,
+        /// A prompt; repeat for several (they run as one batch).
+        #[arg(long, required = true)]
+        prompt: Vec<String>,
+        #[arg(long, default_value = "")]
+        negative: String,
+        #[arg(long)]
+        recipe: Option<PathBuf>,
+        #[arg(long, default_value_t = 20)]
+        steps: usize,
+        #[arg(long, default_value_t = 7.5)]
+        guidance: f32,
+        /// ddim, pndm, euler or dpmpp2m (default: the pipeline's scheduler).
+        #[arg(long)]
+        scheduler: Option<String>,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Initial latents: the tensor `latents`, else `latents_in`, else the file's only tensor.
+        #[arg(long)]
+        latents: Option<PathBuf>,
+        /// Image size WxH (default: the UNet's sample_size × the VAE factor).
+        #[arg(long)]
+        size: Option<String>,
+        #[arg(long, default_value = "flex")]
+        device: String,
+        #[arg(long)]
+        no_fuse: bool,
+        /// The image (several prompts: NAME_0.png, NAME_1.png, ...).
+        #[arg(short, long)]
+        output: PathBuf,
+    },
     /// Validate a recipe against a model.
     Check {
         recipe: PathBuf,
@@ -443,6 +478,155 @@ fn forward(a: ForwardArgs) -> Result<()> {
     Ok(())
 }
 
+struct RunArgs {
+    model: PathBuf,
+    prompt: Vec<String>,
+    negative: String,
+    recipe: Option<PathBuf>,
+    steps: usize,
+    guidance: f32,
+    scheduler: Option<String>,
+    seed: u64,
+    latents: Option<PathBuf>,
+    size: Option<String>,
+    device: String,
+    no_fuse: bool,
+    output: PathBuf,
+}
+
+fn read_latents(path: &Path) -> Result<HostTensor> {
+    let f = rewire::weights::TensorFiles::open(path)?;
+    let names: Vec<&str> = f.names().collect();
+    let name = ["latents", "latents_in"]
+        .into_iter()
+        .find(|n| f.contains(n))
+        .or(if names.len() == 1 {
+            Some(names[0])
+        } else {
+            None
+        })
+        .with_context(|| {
+            format!(
+                "{}: no `latents` or `latents_in` tensor, and more than one tensor ({})",
+                path.display(),
+                names.join(", ")
+            )
+        })?
+        .to_string();
+    let (shape, data) = f.read_f32(&name)?;
+    Ok(HostTensor::new(shape, data))
+}
+
+fn sibling(out: &Path, suffix: &str, ext: &str) -> PathBuf {
+    let stem = out
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "out".into());
+    out.with_file_name(format!("{stem}{suffix}.{ext}"))
+}
+
+fn run_job(a: RunArgs) -> Result<()> {
+    use rewire::pipeline::{Pipeline, RunOptions};
+    let device = rewire::backend::device(&a.device)?;
+    if let Some(dir) = a.output.parent()
+        && !dir.as_os_str().is_empty()
+        && !dir.is_dir()
+    {
+        bail!(
+            "cannot write {}: {} is not a folder",
+            a.output.display(),
+            dir.display()
+        );
+    }
+    let pipe = Pipeline::open(&a.model, &device)?;
+    let size = match &a.size {
+        Some(s) => {
+            let (w, h) = s
+                .split_once(['x', 'X'])
+                .with_context(|| format!("--size {s}: expected WxH, e.g. 512x512"))?;
+            Some((
+                w.trim()
+                    .parse()
+                    .with_context(|| format!("--size {s}: bad width"))?,
+                h.trim()
+                    .parse()
+                    .with_context(|| format!("--size {s}: bad height"))?,
+            ))
+        }
+        None => None,
+    };
+    let recipe = a.recipe.as_deref().map(Source::load).transpose()?;
+    let opts = RunOptions {
+        prompts: a.prompt.clone(),
+        negative: a.negative.clone(),
+        steps: a.steps,
+        guidance: a.guidance,
+        scheduler: a.scheduler.clone(),
+        seed: a.seed,
+        latents: a.latents.as_deref().map(read_latents).transpose()?,
+        size,
+        fuse: !a.no_fuse,
+    };
+    let bar = indicatif::ProgressBar::new(a.steps as u64);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{spinner} denoising [{bar:30}] {pos}/{len} steps {elapsed_precise}",
+        )
+        .expect("valid template")
+        .progress_chars("=> "),
+    );
+    let out = pipe.run(&opts, recipe.as_ref(), |i, _| bar.set_position(i as u64))?;
+    bar.finish_and_clear();
+    let several = out.images.len() > 1;
+    let mut rgb = Vec::new();
+    for (i, img) in out.images.iter().enumerate() {
+        let path = if several {
+            sibling(&a.output, &format!("_{i}"), "png")
+        } else {
+            a.output.clone()
+        };
+        let im = rewire::picture::to_rgb(img)?;
+        rewire::picture::save_png(&im, &path)?;
+        eprintln!("wrote {}", path.display());
+        rgb.push(im);
+    }
+    if !out.stores.is_empty() {
+        let path = sibling(&a.output, ".store", "safetensors");
+        let t: Vec<(String, Vec<usize>, Vec<f32>)> = out
+            .stores
+            .iter()
+            .map(|(k, v)| (k.clone(), v.shape.clone(), v.data.clone()))
+            .collect();
+        rewire::weights::write_f32(&path, &t)?;
+        eprintln!("wrote {} stored maps to {}", t.len(), path.display());
+        for (i, im) in rgb.iter().enumerate() {
+            let key = out.stores.keys().find(|k| {
+                k.starts_with("aggregate_cross_res")
+                    && (if i == 0 {
+                        !k.contains('.')
+                    } else {
+                        k.ends_with(&format!(".{i}"))
+                    })
+            });
+            if let Some(key) = key {
+                let tiles = rewire::picture::heat_maps(&out.stores[key], &out.tokens[i], im, 128)?;
+                let path = sibling(
+                    &a.output,
+                    &if several {
+                        format!("_{i}_heat")
+                    } else {
+                        "_heat".into()
+                    },
+                    "png",
+                );
+                rewire::picture::save_png(&tiles, &path)?;
+                eprintln!("wrote {}", path.display());
+            }
+        }
+    }
+    Ok(())
+}
+
 fn compile_for(
     recipe: &Path,
     model: &Path,
@@ -562,6 +746,35 @@ fn run(cli: Cli) -> Result<()> {
             no_fuse,
             frames,
             reference,
+        }),
+        Cmd::Run {
+            model,
+            prompt,
+            negative,
+            recipe,
+            steps,
+            guidance,
+            scheduler,
+            seed,
+            latents,
+            size,
+            device,
+            no_fuse,
+            output,
+        } => run_job(RunArgs {
+            model,
+            prompt,
+            negative,
+            recipe,
+            steps,
+            guidance,
+            scheduler,
+            seed,
+            latents,
+            size,
+            device,
+            no_fuse,
+            output,
         }),
         Cmd::Check {
             recipe,

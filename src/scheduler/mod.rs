@@ -168,6 +168,11 @@ impl SchedulerConfig {
         self.get("_class_name", "a string")
     }
 
+    /// Sets a field (e.g. to adapt another class's config when switching schedulers).
+    pub fn set(&mut self, field: &str, value: Value) {
+        self.values.insert(field.to_string(), value);
+    }
+
     /// The raw value of `field`, if present.
     pub fn raw(&self, field: &str) -> Option<&Value> {
         self.values.get(field)

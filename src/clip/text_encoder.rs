@@ -1,0 +1,541 @@
+//! CLIP text encoder (transformers `CLIPTextModel`), read from a pipeline's `text_encoder/`:
+//! `config.json` and `model.safetensors` (f32, f16 or bf16, computed in f32; sharded and `.fp16`
+//! files are found too). [`TextEncoder::encode`] maps token ids to `last_hidden_state`, the
+//! `[batch, seq, hidden]` tensor a Stable Diffusion UNet takes as `encoder_hidden_states`.
+//!
+//! Tensor names are transformers' (`text_model.embeddings.token_embedding.weight`,
+//! `text_model.encoder.layers.{i}.self_attn.q_proj.weight`, ...); files written without the
+//! `text_model.` prefix (as recent transformers versions do) are read too. A config value this
+//! module does not implement is a [`TextEncoderError::Unsupported`] naming the field; a missing
+//! or mis-shaped tensor is an error naming the tensor.
+//!
+//! Try it: `cargo test --release --test text_encoder` (encodes the fixture prompts with
+//! `models/tiny-sd/text_encoder` and compares with transformers).
+
+use crate::exec::{HostTensor, upload};
+use crate::weights::{TensorFiles, WeightError};
+use burn::tensor::activation::{gelu, sigmoid};
+use burn::tensor::module::{attention, embedding, layer_norm, linear};
+use burn::tensor::ops::AttentionModuleOptions;
+use burn::tensor::{Device, Int, Tensor, TensorData};
+use serde::Deserialize;
+use std::path::{Path, PathBuf};
+
+/// Errors raised while opening a text encoder or encoding token ids.
+#[derive(Debug, thiserror::Error)]
+pub enum TextEncoderError {
+    #[error(
+        "{path} is not a CLIP text encoder folder: no config.json in it or in its text_encoder/\n  hint: pass a pipeline folder (with text_encoder/) or the text_encoder/ folder itself"
+    )]
+    NotFound { path: PathBuf },
+    #[error(
+        "cannot read {path}: {source}\n  hint: point rewire at a diffusers pipeline folder or its text_encoder/ folder"
+    )]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: invalid JSON at line {line}, column {column}: {message}")]
+    Json {
+        path: PathBuf,
+        line: usize,
+        column: usize,
+        message: String,
+    },
+    #[error(
+        "{path}: unsupported value for `{field}`: {value}\n  hint: rewire supports {supported}"
+    )]
+    Unsupported {
+        path: PathBuf,
+        field: &'static str,
+        value: String,
+        supported: &'static str,
+    },
+    #[error("{path}: {message}")]
+    Invalid { path: PathBuf, message: String },
+    #[error(transparent)]
+    Weight(#[from] WeightError),
+    #[error(
+        "no token ids to encode (an empty batch or empty prompts)\n  hint: pass at least one tokenized prompt"
+    )]
+    Empty,
+    #[error(
+        "prompt {item} has {len} tokens, prompt 0 has {expected}\n  hint: pad every prompt to the same length (the tokenizer pads to max_position_embeddings)"
+    )]
+    Ragged {
+        item: usize,
+        len: usize,
+        expected: usize,
+    },
+    #[error(
+        "prompt {item} has {len} tokens, more than max_position_embeddings = {max}\n  hint: truncate the prompt to {max} tokens"
+    )]
+    TooLong { item: usize, len: usize, max: usize },
+    #[error(
+        "prompt {item}, position {position}: token id {id} is not below vocab_size = {vocab}\n  hint: the tokenizer does not match this text encoder"
+    )]
+    TokenOutOfRange {
+        item: usize,
+        position: usize,
+        id: u32,
+        vocab: usize,
+    },
+}
+
+/// The activation between `fc1` and `fc2`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Activation {
+    /// `x · sigmoid(1.702 x)` (OpenAI CLIP, SD 1.x).
+    QuickGelu,
+    /// Exact (erf) GELU (OpenCLIP, SD 2.x, SDXL's second encoder).
+    Gelu,
+}
+
+/// `config.json` as transformers writes it for `CLIPTextModel`; absent fields take
+/// transformers' `CLIPTextConfig` defaults, unknown fields are ignored.
+#[derive(Debug, Clone, Deserialize)]
+pub struct TextEncoderConfig {
+    #[serde(default)]
+    pub model_type: Option<String>,
+    #[serde(default = "d_vocab")]
+    pub vocab_size: usize,
+    #[serde(default = "d_hidden")]
+    pub hidden_size: usize,
+    #[serde(default = "d_intermediate")]
+    pub intermediate_size: usize,
+    #[serde(default = "d_layers")]
+    pub num_hidden_layers: usize,
+    #[serde(default = "d_heads")]
+    pub num_attention_heads: usize,
+    #[serde(default = "d_positions")]
+    pub max_position_embeddings: usize,
+    #[serde(default = "d_act")]
+    pub hidden_act: String,
+    #[serde(default = "d_eps")]
+    pub layer_norm_eps: f64,
+}
+
+fn d_vocab() -> usize {
+    49408
+}
+fn d_hidden() -> usize {
+    512
+}
+fn d_intermediate() -> usize {
+    2048
+}
+fn d_layers() -> usize {
+    12
+}
+fn d_heads() -> usize {
+    8
+}
+fn d_positions() -> usize {
+    77
+}
+fn d_act() -> String {
+    "quick_gelu".into()
+}
+fn d_eps() -> f64 {
+    1e-5
+}
+
+impl TextEncoderConfig {
+    pub fn from_file(path: &Path) -> Result<Self, TextEncoderError> {
+        let text = std::fs::read_to_string(path).map_err(|source| TextEncoderError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Self::from_json(&text, path)
+    }
+
+    /// Parses config JSON; `path` is used in messages.
+    pub fn from_json(text: &str, path: &Path) -> Result<Self, TextEncoderError> {
+        serde_json::from_str(text).map_err(|e| TextEncoderError::Json {
+            path: path.to_path_buf(),
+            line: e.line(),
+            column: e.column(),
+            message: e.to_string(),
+        })
+    }
+
+    /// Checks every value that changes the computation; returns the activation.
+    pub fn validate(&self, path: &Path) -> Result<Activation, TextEncoderError> {
+        let p = || path.to_path_buf();
+        if let Some(t) = &self.model_type
+            && t != "clip_text_model"
+        {
+            return Err(TextEncoderError::Unsupported {
+                path: p(),
+                field: "model_type",
+                value: format!("\"{t}\""),
+                supported: "\"clip_text_model\" (a CLIPTextModel config)",
+            });
+        }
+        let act = match self.hidden_act.as_str() {
+            "quick_gelu" => Activation::QuickGelu,
+            "gelu" => Activation::Gelu,
+            other => {
+                return Err(TextEncoderError::Unsupported {
+                    path: p(),
+                    field: "hidden_act",
+                    value: format!("\"{other}\""),
+                    supported: "\"quick_gelu\" and \"gelu\"",
+                });
+            }
+        };
+        for (field, v) in [
+            ("vocab_size", self.vocab_size),
+            ("hidden_size", self.hidden_size),
+            ("intermediate_size", self.intermediate_size),
+            ("num_attention_heads", self.num_attention_heads),
+            ("max_position_embeddings", self.max_position_embeddings),
+        ] {
+            if v == 0 {
+                return Err(TextEncoderError::Invalid {
+                    path: p(),
+                    message: format!("`{field}` is 0"),
+                });
+            }
+        }
+        if !self.hidden_size.is_multiple_of(self.num_attention_heads) {
+            return Err(TextEncoderError::Invalid {
+                path: p(),
+                message: format!(
+                    "hidden_size = {} is not divisible by num_attention_heads = {}",
+                    self.hidden_size, self.num_attention_heads
+                ),
+            });
+        }
+        if !(self.layer_norm_eps.is_finite() && self.layer_norm_eps >= 0.0) {
+            return Err(TextEncoderError::Invalid {
+                path: p(),
+                message: format!(
+                    "layer_norm_eps = {} is not a non-negative number",
+                    self.layer_norm_eps
+                ),
+            });
+        }
+        Ok(act)
+    }
+}
+
+/// Linear weights, transposed to `[in, out]` for Burn's `linear`.
+#[derive(Debug, Clone)]
+struct LinearW {
+    w: Tensor<2>,
+    b: Tensor<1>,
+}
+
+/// Reads `{path}.weight` (`[out, in]`) transposed to `[in, out]`, and `{path}.bias`.
+fn read_linear(
+    files: &TensorFiles,
+    path: &str,
+    i: usize,
+    o: usize,
+) -> Result<(Vec<f32>, Vec<f32>), WeightError> {
+    let w = files.read_f32_shaped(&format!("{path}.weight"), &[o, i])?;
+    let mut t = vec![0f32; w.len()];
+    for r in 0..o {
+        for c in 0..i {
+            t[c * o + r] = w[r * i + c];
+        }
+    }
+    let b = files.read_f32_shaped(&format!("{path}.bias"), &[o])?;
+    Ok((t, b))
+}
+
+impl LinearW {
+    fn load(
+        files: &TensorFiles,
+        path: &str,
+        i: usize,
+        o: usize,
+        dev: &Device,
+    ) -> Result<Self, WeightError> {
+        let (w, b) = read_linear(files, path, i, o)?;
+        Ok(LinearW {
+            w: upload(&[i, o], w, dev),
+            b: upload(&[o], b, dev),
+        })
+    }
+
+    /// q, k and v projections side by side: `[in, 3·out]`.
+    fn load_qkv(
+        files: &TensorFiles,
+        path: &str,
+        dim: usize,
+        dev: &Device,
+    ) -> Result<Self, WeightError> {
+        let parts = ["q_proj", "k_proj", "v_proj"]
+            .map(|p| read_linear(files, &format!("{path}.{p}"), dim, dim));
+        let mut w = vec![0f32; dim * 3 * dim];
+        let mut b = Vec::with_capacity(3 * dim);
+        for (j, part) in parts.into_iter().enumerate() {
+            let (pw, pb) = part?;
+            for r in 0..dim {
+                w[r * 3 * dim + j * dim..r * 3 * dim + (j + 1) * dim]
+                    .copy_from_slice(&pw[r * dim..(r + 1) * dim]);
+            }
+            b.extend(pb);
+        }
+        Ok(LinearW {
+            w: upload(&[dim, 3 * dim], w, dev),
+            b: upload(&[3 * dim], b, dev),
+        })
+    }
+
+    fn apply(&self, x: Tensor<3>) -> Tensor<3> {
+        linear(x, self.w.clone(), Some(self.b.clone()))
+    }
+}
+
+/// Layer norm weights.
+#[derive(Debug, Clone)]
+struct NormW {
+    gamma: Tensor<1>,
+    beta: Tensor<1>,
+}
+
+impl NormW {
+    fn load(
+        files: &TensorFiles,
+        path: &str,
+        dim: usize,
+        dev: &Device,
+    ) -> Result<Self, WeightError> {
+        Ok(NormW {
+            gamma: upload(
+                &[dim],
+                files.read_f32_shaped(&format!("{path}.weight"), &[dim])?,
+                dev,
+            ),
+            beta: upload(
+                &[dim],
+                files.read_f32_shaped(&format!("{path}.bias"), &[dim])?,
+                dev,
+            ),
+        })
+    }
+
+    fn apply(&self, x: Tensor<3>, eps: f64) -> Tensor<3> {
+        layer_norm(x, self.gamma.clone(), Some(self.beta.clone()), eps)
+    }
+}
+
+/// One `CLIPEncoderLayer`.
+#[derive(Debug, Clone)]
+struct LayerW {
+    norm1: NormW,
+    qkv: LinearW,
+    out: LinearW,
+    norm2: NormW,
+    fc1: LinearW,
+    fc2: LinearW,
+}
+
+/// An opened CLIP text encoder with its weights on a device.
+#[derive(Debug, Clone)]
+pub struct TextEncoder {
+    /// The `text_encoder/` folder read.
+    pub dir: PathBuf,
+    pub config: TextEncoderConfig,
+    act: Activation,
+    device: Device,
+    /// `[vocab, hidden]`.
+    token_embedding: Tensor<2>,
+    /// `[max_positions, hidden]`.
+    position_embedding: Tensor<2>,
+    layers: Vec<LayerW>,
+    final_norm: NormW,
+}
+
+impl TextEncoder {
+    /// Opens a pipeline folder (reads its `text_encoder/`) or a text encoder folder, and loads
+    /// the weights onto `device`.
+    pub fn open(path: &Path, device: &Device) -> Result<Self, TextEncoderError> {
+        let dir = if path.join("text_encoder").join("config.json").is_file() {
+            path.join("text_encoder")
+        } else if path.join("config.json").is_file() {
+            path.to_path_buf()
+        } else {
+            return Err(TextEncoderError::NotFound {
+                path: path.to_path_buf(),
+            });
+        };
+        let cfg_path = dir.join("config.json");
+        let config = TextEncoderConfig::from_file(&cfg_path)?;
+        let act = config.validate(&cfg_path)?;
+        let files = TensorFiles::open_dir(&dir)?;
+        Self::load(dir, config, act, &files, device)
+    }
+
+    fn load(
+        dir: PathBuf,
+        config: TextEncoderConfig,
+        act: Activation,
+        files: &TensorFiles,
+        dev: &Device,
+    ) -> Result<Self, TextEncoderError> {
+        // transformers 4 writes `text_model.…`; transformers 5 drops the prefix.
+        let prefix = if files.names().any(|n| n.starts_with("text_model.")) {
+            "text_model."
+        } else {
+            ""
+        };
+        let (h, m) = (config.hidden_size, config.intermediate_size);
+        let name = |s: &str| format!("{prefix}{s}");
+        let token_embedding = upload(
+            &[config.vocab_size, h],
+            files.read_f32_shaped(
+                &name("embeddings.token_embedding.weight"),
+                &[config.vocab_size, h],
+            )?,
+            dev,
+        );
+        let position_embedding = upload(
+            &[config.max_position_embeddings, h],
+            files.read_f32_shaped(
+                &name("embeddings.position_embedding.weight"),
+                &[config.max_position_embeddings, h],
+            )?,
+            dev,
+        );
+        let layers = (0..config.num_hidden_layers)
+            .map(|i| {
+                let l = |s: &str| name(&format!("encoder.layers.{i}.{s}"));
+                Ok(LayerW {
+                    norm1: NormW::load(files, &l("layer_norm1"), h, dev)?,
+                    qkv: LinearW::load_qkv(files, &l("self_attn"), h, dev)?,
+                    out: LinearW::load(files, &l("self_attn.out_proj"), h, h, dev)?,
+                    norm2: NormW::load(files, &l("layer_norm2"), h, dev)?,
+                    fc1: LinearW::load(files, &l("mlp.fc1"), h, m, dev)?,
+                    fc2: LinearW::load(files, &l("mlp.fc2"), m, h, dev)?,
+                })
+            })
+            .collect::<Result<Vec<_>, WeightError>>()?;
+        let final_norm = NormW::load(files, &name("final_layer_norm"), h, dev)?;
+        Ok(TextEncoder {
+            dir,
+            config,
+            act,
+            device: dev.clone(),
+            token_embedding,
+            position_embedding,
+            layers,
+            final_norm,
+        })
+    }
+
+    /// The device the weights live on.
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// `last_hidden_state` (`[batch, seq, hidden]`) for a batch of equal-length token id
+    /// sequences (no padding mask: pipelines pad with the end token and attend to it, as
+    /// diffusers does).
+    ///
+    /// # Panics
+    /// On an empty batch, unequal lengths, a sequence longer than `max_position_embeddings` or a
+    /// token id outside the vocabulary; [`TextEncoder::try_encode`] returns these as errors.
+    pub fn encode(&self, ids: &[Vec<u32>]) -> Tensor<3> {
+        self.try_encode(ids).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// [`TextEncoder::encode`], with bad token ids as an error.
+    pub fn try_encode(&self, ids: &[Vec<u32>]) -> Result<Tensor<3>, TextEncoderError> {
+        let cfg = &self.config;
+        let first = ids.first().ok_or(TextEncoderError::Empty)?;
+        let (b, s) = (ids.len(), first.len());
+        if s == 0 {
+            return Err(TextEncoderError::Empty);
+        }
+        let mut flat = Vec::with_capacity(b * s);
+        for (item, seq) in ids.iter().enumerate() {
+            if seq.len() != s {
+                return Err(TextEncoderError::Ragged {
+                    item,
+                    len: seq.len(),
+                    expected: s,
+                });
+            }
+            if s > cfg.max_position_embeddings {
+                return Err(TextEncoderError::TooLong {
+                    item,
+                    len: s,
+                    max: cfg.max_position_embeddings,
+                });
+            }
+            for (position, &id) in seq.iter().enumerate() {
+                if id as usize >= cfg.vocab_size {
+                    return Err(TextEncoderError::TokenOutOfRange {
+                        item,
+                        position,
+                        id,
+                        vocab: cfg.vocab_size,
+                    });
+                }
+                flat.push(id as i64);
+            }
+        }
+        let ids = Tensor::<2, Int>::from_data(TensorData::new(flat, [b, s]), &self.device);
+        let pos = self
+            .position_embedding
+            .clone()
+            .narrow(0, 0, s)
+            .unsqueeze_dim::<3>(0);
+        let mut x = embedding(self.token_embedding.clone(), ids) + pos;
+        let eps = cfg.layer_norm_eps;
+        let heads = cfg.num_attention_heads;
+        for l in &self.layers {
+            let h = l.qkv.apply(l.norm1.apply(x.clone(), eps));
+            let mut qkv = h.chunk(3, 2).into_iter().map(|t| split_heads(t, heads));
+            let (q, k, v) = (
+                qkv.next().expect("three chunks"),
+                qkv.next().expect("three chunks"),
+                qkv.next().expect("three chunks"),
+            );
+            let o = attention(
+                q,
+                k,
+                v,
+                None,
+                None,
+                AttentionModuleOptions {
+                    is_causal: true,
+                    ..Default::default()
+                },
+            );
+            x = x + l.out.apply(merge_heads(o));
+            let h = l.fc1.apply(l.norm2.apply(x.clone(), eps));
+            let h = match self.act {
+                Activation::QuickGelu => h.clone() * sigmoid(h * 1.702),
+                Activation::Gelu => gelu(h),
+            };
+            x = x + l.fc2.apply(h);
+        }
+        Ok(self.final_norm.apply(x, eps))
+    }
+}
+
+fn split_heads(t: Tensor<3>, heads: usize) -> Tensor<4> {
+    let [b, n, c] = t.dims();
+    t.reshape([b, n, heads, c / heads]).swap_dims(1, 2)
+}
+
+fn merge_heads(t: Tensor<4>) -> Tensor<3> {
+    let [b, h, n, d] = t.dims();
+    t.swap_dims(1, 2).reshape([b, n, h * d])
+}
+
+/// Reads hidden states back to the host as f32.
+pub fn hidden_states_to_host(t: Tensor<3>) -> HostTensor {
+    let shape = t.dims().to_vec();
+    let data = t
+        .into_data()
+        .convert::<f32>()
+        .try_into_vec::<f32>()
+        .expect("f32 data after convert");
+    HostTensor::new(shape, data)
+}

@@ -1,0 +1,438 @@
+//! The text-to-image job: tokenizer → text encoder → denoising loop with classifier-free
+//! guidance (the UNet compiled with a recipe's rewrites, switching step-segment plans by step)
+//! → VAE decode. Several prompts run as one batch, in diffusers' order
+//! `[uncond_0..uncond_P, cond_0..cond_P]`.
+//!
+//! Try it: `rewire run models/tiny-sd --prompt "a photo of a cat" --steps 5 -o cat.png`.
+
+use crate::clip::text_encoder::TextEncoder;
+use crate::clip::tokenizer::Tokenizer;
+use crate::compile::store::StoreAccumulator;
+use crate::compile::{CompileOptions, Compiled};
+use crate::exec::{HostTensor, KernelCache, LowerOptions, Plan, Value};
+use crate::graph::{AttnKind, InputSpec};
+use crate::recipe::Source;
+use crate::scheduler::{Scheduler, SchedulerConfig};
+use crate::unet::UNet;
+use crate::vae::Vae;
+use burn::tensor::Device;
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+
+/// Errors raised by the text-to-image job.
+#[derive(Debug, thiserror::Error)]
+pub enum PipelineError {
+    #[error(
+        "{path}: no {component}/ folder\n  hint: rewire run needs a diffusers pipeline folder with unet/, text_encoder/, tokenizer/, vae/ and scheduler/"
+    )]
+    MissingComponent {
+        path: PathBuf,
+        component: &'static str,
+    },
+    #[error("{component}: {message}")]
+    Component {
+        component: &'static str,
+        message: String,
+    },
+    #[error("size {width}×{height} is not divisible by the VAE factor {factor}\n  hint: use positive multiples of {factor}, e.g. {}×{}", (width / factor).max(1) * factor, (height / factor).max(1) * factor)]
+    Size {
+        width: usize,
+        height: usize,
+        factor: usize,
+    },
+    #[error(
+        "latents {found:?} do not fit the run: expected [{batch} or 1, {channels}, {height}, {width}]"
+    )]
+    Latents {
+        found: Vec<usize>,
+        batch: usize,
+        channels: usize,
+        height: usize,
+        width: usize,
+    },
+    #[error("give at least one --prompt")]
+    NoPrompt,
+    #[error(transparent)]
+    Compile(#[from] crate::compile::CompileError),
+    #[error(transparent)]
+    Exec(#[from] crate::exec::ExecError),
+    #[error(transparent)]
+    Model(#[from] crate::unet::ModelError),
+}
+
+fn component<E: std::fmt::Display>(component: &'static str) -> impl Fn(E) -> PipelineError {
+    move |e| PipelineError::Component {
+        component,
+        message: e.to_string(),
+    }
+}
+
+/// An opened diffusers pipeline.
+pub struct Pipeline {
+    pub dir: PathBuf,
+    pub unet: UNet,
+    pub tokenizer: Tokenizer,
+    pub text: TextEncoder,
+    pub vae: Vae,
+    pub scheduler: SchedulerConfig,
+    pub device: Device,
+}
+
+/// What to generate.
+#[derive(Debug, Clone)]
+pub struct RunOptions {
+    pub prompts: Vec<String>,
+    pub negative: String,
+    pub steps: usize,
+    pub guidance: f32,
+    /// A scheduler other than the pipeline's (`ddim`, `pndm`, `euler`, `dpmpp2m`).
+    pub scheduler: Option<String>,
+    pub seed: u64,
+    /// Initial latents `[P or 1, C, h, w]` (before scaling by init_noise_sigma).
+    pub latents: Option<HostTensor>,
+    /// Image width and height (default: the UNet's sample_size × the VAE factor).
+    pub size: Option<(usize, usize)>,
+    pub fuse: bool,
+}
+
+/// What a run produced.
+#[derive(Debug, Clone)]
+pub struct RunOutput {
+    /// One `[H, W, 3]` image in [0, 1] per prompt.
+    pub images: Vec<HostTensor>,
+    /// Latents after each step, `[P, C, h, w]`.
+    pub latents_per_step: Vec<HostTensor>,
+    /// Store outputs reduced over the steps (`probs.<layer>`), plus `aggregate_cross_resR`.
+    pub stores: BTreeMap<String, HostTensor>,
+    /// Each prompt's tokens as text (bos and eos included), for heat-map labels.
+    pub tokens: Vec<Vec<String>>,
+}
+
+impl Pipeline {
+    /// Opens every component of a pipeline folder on `device`.
+    pub fn open(dir: &Path, device: &Device) -> Result<Pipeline, PipelineError> {
+        for c in ["unet", "text_encoder", "tokenizer", "vae", "scheduler"] {
+            if !dir.join(c).is_dir() {
+                return Err(PipelineError::MissingComponent {
+                    path: dir.to_path_buf(),
+                    component: c,
+                });
+            }
+        }
+        Ok(Pipeline {
+            dir: dir.to_path_buf(),
+            unet: UNet::open(&dir.join("unet"))?,
+            tokenizer: Tokenizer::open(&dir.join("tokenizer")).map_err(component("tokenizer"))?,
+            text: TextEncoder::open(&dir.join("text_encoder"), device)
+                .map_err(component("text_encoder"))?,
+            vae: Vae::open(&dir.join("vae"), device).map_err(component("vae"))?,
+            scheduler: SchedulerConfig::open(&dir.join("scheduler"))
+                .map_err(component("scheduler"))?,
+            device: device.clone(),
+        })
+    }
+
+    /// The latent size for an image size, checked against the VAE factor.
+    pub fn latent_size(
+        &self,
+        size: Option<(usize, usize)>,
+    ) -> Result<(usize, usize), PipelineError> {
+        let f = self.vae.downsample_factor();
+        let (w, h) = match size {
+            Some(s) => s,
+            None => {
+                let n = match &self.unet.config.sample_size {
+                    Some(serde_json::Value::Number(n)) => n.as_u64().unwrap_or(64) as usize,
+                    _ => 64,
+                };
+                (n * f, n * f)
+            }
+        };
+        if w == 0 || h == 0 || w % f != 0 || h % f != 0 {
+            return Err(PipelineError::Size {
+                width: w,
+                height: h,
+                factor: f,
+            });
+        }
+        Ok((h / f, w / f))
+    }
+
+    /// Runs the job; `progress(step, total)` is called after each step.
+    pub fn run(
+        &self,
+        opts: &RunOptions,
+        recipe: Option<&Source>,
+        mut progress: impl FnMut(usize, usize),
+    ) -> Result<RunOutput, PipelineError> {
+        let p = opts.prompts.len();
+        if p == 0 {
+            return Err(PipelineError::NoPrompt);
+        }
+        let (lh, lw) = self.latent_size(opts.size)?;
+        let cfg = opts.guidance > 1.0;
+        let batch = if cfg { 2 * p } else { p };
+        let channels = self.unet.resolved.in_channels;
+
+        // Text: [negative × P, prompts] (diffusers' order), encoded at once.
+        let mut ids: Vec<Vec<u32>> = Vec::new();
+        if cfg {
+            let neg = self.tokenizer.encode(&opts.negative);
+            ids.extend(std::iter::repeat_n(neg, p));
+        }
+        for prompt in &opts.prompts {
+            ids.push(self.tokenizer.encode(prompt));
+        }
+        let text_len = ids[0].len();
+        let ehs = Value::R3(self.text.encode(&ids)).to_host();
+
+        // The UNet, compiled with the recipe for this run's shapes and step count.
+        let mut spec = InputSpec::new(batch, lh, lw);
+        spec.text_len = text_len;
+        let base = self.unet.graph(spec)?;
+        let compiled: Option<Compiled> = match recipe {
+            None => None,
+            Some(src) => {
+                let last = opts.prompts.last().expect("at least one prompt");
+                let copts = CompileOptions {
+                    fuse: opts.fuse,
+                    steps: Some(opts.steps),
+                    words: Some(self.tokenizer.word_positions(last)),
+                    require_bound_words: true,
+                    frames: None,
+                    references: Some(vec![]),
+                };
+                Some(crate::compile::compile_graph(src, &base, &copts)?)
+            }
+        };
+        let mut cache = KernelCache::default();
+        let lower = |g: &crate::graph::Graph, cache: &mut KernelCache| {
+            Plan::lower_shared(
+                g,
+                &self.unet.weights,
+                &self.device,
+                LowerOptions::default(),
+                cache,
+            )
+        };
+        let plans: Vec<(Option<(usize, usize)>, Plan)> = match &compiled {
+            None => vec![(None, lower(&base, &mut cache)?)],
+            Some(c) => c
+                .segments
+                .iter()
+                .map(|s| Ok((s.steps, lower(&s.graph, &mut cache)?)))
+                .collect::<Result<_, PipelineError>>()?,
+        };
+        let plan_for = |i: usize| {
+            plans
+                .iter()
+                .find(|(r, _)| r.is_none_or(|(a, b)| a <= i && i < b))
+                .map(|(_, p)| p)
+                .expect("segments cover every step")
+        };
+
+        // Scheduler and initial latents.
+        let mut sched = match &opts.scheduler {
+            Some(name) => {
+                // Switching to PNDM from another class's config: Stable Diffusion runs PNDM
+                // with skip_prk_steps (its own configs say so); other classes do not set it.
+                let mut config = self.scheduler.clone();
+                let pndm = matches!(
+                    name.to_lowercase().as_str(),
+                    "pndm" | "plms" | "pndmscheduler"
+                );
+                if pndm && config.raw("skip_prk_steps").is_none() {
+                    config.set("skip_prk_steps", serde_json::Value::Bool(true));
+                }
+                Scheduler::from_name(name, &config)
+            }
+            None => Scheduler::from_config(&self.scheduler),
+        }
+        .map_err(component("scheduler"))?;
+        sched
+            .set_timesteps(opts.steps)
+            .map_err(component("scheduler"))?;
+        let per = channels * lh * lw;
+        let mut latents: Vec<f32> = match &opts.latents {
+            Some(l) => {
+                let ok = l.shape.len() == 4
+                    && (l.shape[0] == p || l.shape[0] == 1)
+                    && l.shape[1..] == [channels, lh, lw];
+                if !ok {
+                    return Err(PipelineError::Latents {
+                        found: l.shape.clone(),
+                        batch: p,
+                        channels,
+                        height: lh,
+                        width: lw,
+                    });
+                }
+                if l.shape[0] == p {
+                    l.data.clone()
+                } else {
+                    l.data.iter().copied().cycle().take(p * per).collect()
+                }
+            }
+            None => gaussian(opts.seed, p * per),
+        };
+        let sigma = sched.init_noise_sigma();
+        latents.iter_mut().for_each(|x| *x *= sigma);
+
+        let mut stores = StoreAccumulator::new(
+            compiled
+                .as_ref()
+                .map(|c| c.stores.clone())
+                .unwrap_or_default(),
+        );
+        let mut latents_per_step = Vec::new();
+        let timesteps: Vec<f64> = sched.timesteps().to_vec();
+        for (i, &t) in timesteps.iter().enumerate() {
+            let model_in: Vec<f32> = if cfg {
+                latents.iter().chain(&latents).copied().collect()
+            } else {
+                latents.clone()
+            };
+            let model_in = sched.scale_model_input(&model_in, t);
+            let mut inputs = HashMap::new();
+            inputs.insert(
+                "sample".to_string(),
+                HostTensor::new(vec![batch, channels, lh, lw], model_in),
+            );
+            inputs.insert(
+                "timestep".to_string(),
+                HostTensor::new(vec![1], vec![t as f32]),
+            );
+            inputs.insert("encoder_hidden_states".to_string(), ehs.clone());
+            let out = plan_for(i).run_host(&inputs)?;
+            stores.add(&out);
+            let eps = &out["out"].data;
+            let noise: Vec<f32> = if cfg {
+                let (u, c) = eps.split_at(p * per);
+                u.iter()
+                    .zip(c)
+                    .map(|(u, c)| u + opts.guidance * (c - u))
+                    .collect()
+            } else {
+                eps.clone()
+            };
+            latents = sched.step(&noise, t, &latents);
+            latents_per_step.push(HostTensor::new(vec![p, channels, lh, lw], latents.clone()));
+            progress(i + 1, timesteps.len());
+        }
+
+        // Decode.
+        let z = crate::exec::upload::<4>(&[p, channels, lh, lw], latents, &self.device);
+        let img = Value::R4(self.vae.decode(z)).to_host();
+        let (h, w) = (img.shape[2], img.shape[3]);
+        let images = (0..p)
+            .map(|k| {
+                let mut data = vec![0f32; h * w * 3];
+                for c in 0..3 {
+                    for y in 0..h {
+                        for x in 0..w {
+                            let v = img.data[((k * 3 + c) * h + y) * w + x];
+                            data[(y * w + x) * 3 + c] = (v / 2.0 + 0.5).clamp(0.0, 1.0);
+                        }
+                    }
+                }
+                HostTensor::new(vec![h, w, 3], data)
+            })
+            .collect();
+
+        let mut stores = stores.finish();
+        if let Some(c) = &compiled {
+            aggregate_cross(c, &mut stores, p);
+        }
+        let tokens = opts
+            .prompts
+            .iter()
+            .map(|pr| {
+                self.tokenizer
+                    .encode_unpadded(pr)
+                    .iter()
+                    .map(|&id| self.tokenizer.decode_token(id))
+                    .collect()
+            })
+            .collect();
+        Ok(RunOutput {
+            images,
+            latents_per_step,
+            stores,
+            tokens,
+        })
+    }
+}
+
+/// prompt-to-prompt's aggregate_attention for cross-attention: the mean over heads and over the
+/// stored up/down cross-attention layers of one query resolution (the one most layers have,
+/// the smaller on a tie), as `[r, r, keys]` per prompt (`aggregate_cross_res{r}`, with `.{p}`
+/// for prompts after the first).
+fn aggregate_cross(c: &Compiled, stores: &mut BTreeMap<String, HostTensor>, prompts: usize) {
+    let layers = c.base.attention_layers();
+    let mut by_res: BTreeMap<(usize, usize), Vec<&HostTensor>> = BTreeMap::new();
+    for (_, path, a) in &layers {
+        if a.kind != AttnKind::Cross || a.place == crate::graph::Place::Mid {
+            continue;
+        }
+        if let Some(t) = stores.get(&format!("probs.{path}")) {
+            by_res.entry(a.grid).or_default().push(t);
+        }
+    }
+    let Some((&(h, w), maps)) = by_res
+        .iter()
+        .max_by(|a, b| a.1.len().cmp(&b.1.len()).then(b.0.cmp(a.0)))
+    else {
+        return;
+    };
+    let nq = h * w;
+    let keys = maps[0].shape.last().copied().unwrap_or(0);
+    // Each map: [(items,) (heads,) nq, keys]; items = prompts when several.
+    let mut agg = vec![vec![0f32; nq * keys]; prompts];
+    for m in maps {
+        let per_item = m.data.len() / prompts.max(1);
+        let heads = per_item / (nq * keys);
+        for (p, acc) in agg.iter_mut().enumerate() {
+            let item = &m.data[p * per_item..(p + 1) * per_item];
+            for hd in 0..heads {
+                for (a, v) in acc
+                    .iter_mut()
+                    .zip(&item[hd * nq * keys..(hd + 1) * nq * keys])
+                {
+                    *a += v / (heads * maps.len()) as f32;
+                }
+            }
+        }
+    }
+    for (p, a) in agg.into_iter().enumerate() {
+        let name = if p == 0 {
+            format!("aggregate_cross_res{h}")
+        } else {
+            format!("aggregate_cross_res{h}.{p}")
+        };
+        stores.insert(name, HostTensor::new(vec![h, w, keys], a));
+    }
+}
+
+/// Deterministic standard normal samples (Box–Muller on splitmix64): the same seed gives the
+/// same latents on every machine.
+pub fn gaussian(seed: u64, n: usize) -> Vec<f32> {
+    let mut state = seed ^ 0x5DEE_CE66_D1CE_4E5B;
+    let mut next = move || {
+        state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = state;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^= z >> 31;
+        ((z >> 11) as f64 + 0.5) / (1u64 << 53) as f64
+    };
+    let mut out = Vec::with_capacity(n + 1);
+    while out.len() < n {
+        let (u1, u2) = (next(), next());
+        let r = (-2.0 * u1.ln()).sqrt();
+        let th = std::f64::consts::TAU * u2;
+        out.push((r * th.cos()) as f32);
+        out.push((r * th.sin()) as f32);
+    }
+    out.truncate(n);
+    out
+}

@@ -1,0 +1,226 @@
+//! The text-to-image job against diffusers' StableDiffusionPipeline on tiny-sd: latents after
+//! every step within 1e-4, the decoded image within 1e-3, a step-ranged reweight through its
+//! recipe, and the same seed giving the same PNG twice.
+
+mod common;
+use common::*;
+use rewire::exec::HostTensor;
+use rewire::pipeline::{Pipeline, RunOptions};
+use rewire::scheduler::SchedulerConfig;
+use std::path::PathBuf;
+
+fn pcase(name: &str) -> PathBuf {
+    root()
+        .join("tests/fixtures/pipeline_cases")
+        .join(format!("{name}.safetensors"))
+}
+
+fn opts(scheduler: &str, latents: Option<HostTensor>) -> RunOptions {
+    RunOptions {
+        prompts: vec!["a photo of a cat".into()],
+        negative: String::new(),
+        steps: 5,
+        guidance: 7.5,
+        scheduler: Some(scheduler.into()),
+        seed: 0,
+        latents,
+        size: None,
+        fuse: true,
+    }
+}
+
+/// The scheduler each case was made with: SD 1.5's betas and the class's own defaults (for DDIM,
+/// exactly the shipped config).
+fn case_scheduler(scheduler: &str) -> Option<SchedulerConfig> {
+    let sd15 = r#""num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear", "steps_offset": 1"#;
+    let json = match scheduler {
+        "ddim" => return None,
+        "euler" => format!(r#"{{"_class_name": "EulerDiscreteScheduler", {sd15}}}"#),
+        "pndm" => format!(
+            r#"{{"_class_name": "PNDMScheduler", {sd15}, "skip_prk_steps": true, "set_alpha_to_one": false}}"#
+        ),
+        other => panic!("no case for {other}"),
+    };
+    Some(SchedulerConfig::from_json(&json, std::path::Path::new("case.json")).unwrap())
+}
+
+fn txt2img(scheduler: &str) {
+    let path = pcase(&format!("txt2img_{scheduler}"));
+    let mut pipe = Pipeline::open(&tiny_sd(), &device()).unwrap();
+    let mut o = opts(scheduler, Some(expected(&path, "latents_in")));
+    if let Some(config) = case_scheduler(scheduler) {
+        pipe.scheduler = config;
+        o.scheduler = None;
+    }
+    let out = pipe.run(&o, None, |_, _| {}).unwrap();
+    let want = expected(&path, "latents_per_step");
+    let per = out.latents_per_step[0].data.len();
+    // PNDM (skip_prk_steps) runs one step more than asked, as in diffusers.
+    assert_eq!(
+        want.data.len() / per,
+        out.latents_per_step.len(),
+        "{scheduler}: step count"
+    );
+    for (i, got) in out.latents_per_step.iter().enumerate() {
+        let w = HostTensor::new(
+            got.shape.clone(),
+            want.data[i * per..(i + 1) * per].to_vec(),
+        );
+        let e = got.max_abs_diff(&w);
+        println!("{scheduler} step {i}: {e:e}");
+        // Euler's latents stay near σ_max·|noise| (~52 here) and its first step multiplies the
+        // UNet's float noise by guidance × Δσ ≈ 80: hold it to 4 ulps-per-unit instead (see
+        // the issue note); the other schedulers meet 1e-4 absolute.
+        let scale = w.data.iter().fold(0f32, |m, x| m.max(x.abs()));
+        let bound = if scheduler == "euler" {
+            4e-6 * scale
+        } else {
+            1e-4
+        };
+        assert!(
+            e <= bound,
+            "{scheduler}: step {i} latents differ by {e} (bound {bound})"
+        );
+    }
+    let e = out.images[0].max_abs_diff(&expected(&path, "image"));
+    println!("{scheduler} image: {e:e}");
+    assert!(e <= 1e-3, "{scheduler}: image differs by {e}");
+}
+
+#[test]
+fn txt2img_ddim() {
+    txt2img("ddim");
+}
+
+#[test]
+fn txt2img_euler() {
+    txt2img("euler");
+}
+
+#[test]
+fn txt2img_pndm() {
+    txt2img("pndm");
+}
+
+#[test]
+fn reweight_steps_0_2_ddim() {
+    let path = pcase("reweight_steps_0_2_ddim");
+    let pipe = Pipeline::open(&tiny_sd(), &device()).unwrap();
+    let src =
+        rewire::recipe::Source::load(&root().join("rewrites/reweight_steps_0_2_ddim.ron")).unwrap();
+    let o = opts("ddim", Some(expected(&path, "latents_in")));
+    let out = pipe.run(&o, Some(&src), |_, _| {}).unwrap();
+    let got = out.latents_per_step.last().unwrap();
+    let want = expected(&path, "latents_out");
+    let e = got.max_abs_diff(&want);
+    println!("reweight_steps_0_2_ddim: {e:e}");
+    assert!(e <= 1e-4, "latents differ by {e}");
+    let plain = pipe.run(&o, None, |_, _| {}).unwrap();
+    assert!(
+        plain.latents_per_step.last().unwrap().max_abs_diff(got) > 1e-4,
+        "the reweight changed nothing"
+    );
+}
+
+#[test]
+fn same_seed_same_png() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = |name: &str| {
+        let out = dir.path().join(name);
+        let o = std::process::Command::new(env!("CARGO_BIN_EXE_rewire"))
+            .args([
+                "run",
+                "models/tiny-sd",
+                "--prompt",
+                "a red circle",
+                "--steps",
+                "3",
+                "--seed",
+                "7",
+                "-o",
+            ])
+            .arg(&out)
+            .current_dir(root())
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        std::fs::read(out).unwrap()
+    };
+    let (a, b) = (run("a.png"), run("b.png"));
+    assert!(a.starts_with(b"\x89PNG"));
+    assert_eq!(a, b, "the same seed gave two different PNGs");
+}
+
+#[test]
+fn bad_runs_are_clear_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("x.png");
+    let rewire = |args: &[&str]| {
+        let o = std::process::Command::new(env!("CARGO_BIN_EXE_rewire"))
+            .args(args)
+            .current_dir(root())
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&o.stderr).into_owned();
+        assert!(!err.contains("panicked"), "{err}");
+        (o.status.success(), err)
+    };
+    let o = out.to_str().unwrap();
+    let (ok, err) = rewire(&[
+        "run",
+        "models/tiny-sd",
+        "--prompt",
+        "x",
+        "--size",
+        "100x100",
+        "-o",
+        o,
+    ]);
+    assert!(
+        !ok && err.contains("not divisible by the VAE factor 8"),
+        "{err}"
+    );
+    let (ok, err) = rewire(&[
+        "run",
+        "models/tiny-sd",
+        "--prompt",
+        "x",
+        "--scheduler",
+        "lms",
+        "-o",
+        o,
+    ]);
+    assert!(!ok && err.contains("lms"), "{err}");
+    let (ok, err) = rewire(&["run", "models/tiny-sd/unet", "--prompt", "x", "-o", o]);
+    assert!(
+        !ok && err.contains("models/tiny-sd/unet: no unet/ folder") && err.contains("hint:"),
+        "{err}"
+    );
+    // --scheduler pndm on a DDIM pipeline runs (PNDM with skip_prk_steps, as SD uses it).
+    let (ok, err) = rewire(&[
+        "run",
+        "models/tiny-sd",
+        "--prompt",
+        "x",
+        "--steps",
+        "2",
+        "--scheduler",
+        "pndm",
+        "-o",
+        o,
+    ]);
+    assert!(ok, "{err}");
+    std::fs::remove_file(&out).unwrap();
+    let (ok, err) = rewire(&[
+        "run",
+        "models/tiny-sd",
+        "--prompt",
+        "x",
+        "--steps",
+        "2",
+        "-o",
+        "/nonexistent-dir/x.png",
+    ]);
+    assert!(!ok && err.contains("cannot write"), "{err}");
+    assert!(!out.exists());
+}
