@@ -4,7 +4,7 @@
 use super::tome::MergePlan;
 use super::{ExecError, HostTensor, LowerOptions, upload};
 use crate::graph::Op;
-use crate::weights::WeightSource;
+use crate::weights::{WeightError, WeightSource};
 use burn::tensor::activation::{gelu, silu};
 use burn::tensor::module::{attention, conv2d, interpolate, layer_norm, linear};
 use burn::tensor::ops::{AttentionModuleOptions, ConvOptions, InterpolateMode, InterpolateOptions};
@@ -107,14 +107,15 @@ pub struct LinearW {
 }
 
 impl LinearW {
-    fn load(
+    /// Loads `{path}.weight` `[out, in]` (and `{path}.bias`).
+    pub(crate) fn load(
         files: &dyn WeightSource,
         path: &str,
         i: usize,
         o: usize,
         bias: bool,
         dev: &Device,
-    ) -> Result<Self, ExecError> {
+    ) -> Result<Self, WeightError> {
         let w = files.read(&format!("{path}.weight"), &[o, i])?;
         let mut t = vec![0f32; w.len()];
         for r in 0..o {
@@ -137,7 +138,7 @@ impl LinearW {
         })
     }
 
-    fn apply<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
+    pub(crate) fn apply<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
         linear(x, self.w.clone(), self.b.clone())
     }
 }
@@ -151,8 +152,9 @@ pub struct ConvW {
 }
 
 impl ConvW {
+    /// Loads `{path}.weight` `[cout, cin, k, k]` and `{path}.bias`; padding (top, bottom, left, right).
     #[allow(clippy::too_many_arguments)]
-    fn load(
+    pub(crate) fn load(
         files: &dyn WeightSource,
         path: &str,
         cin: usize,
@@ -161,7 +163,7 @@ impl ConvW {
         stride: usize,
         pad: [usize; 4],
         dev: &Device,
-    ) -> Result<Self, ExecError> {
+    ) -> Result<Self, WeightError> {
         let w = files.read(&format!("{path}.weight"), &[cout, cin, k, k])?;
         let b = files.read(&format!("{path}.bias"), &[cout])?;
         Ok(ConvW {
@@ -176,7 +178,7 @@ impl ConvW {
         })
     }
 
-    fn apply(&self, x: Tensor<4>) -> Tensor<4> {
+    pub(crate) fn apply(&self, x: Tensor<4>) -> Tensor<4> {
         conv2d(x, self.w.clone(), Some(self.b.clone()), self.opts.clone())
     }
 }
@@ -191,14 +193,15 @@ pub struct GroupNormW {
 }
 
 impl GroupNormW {
-    fn load(
+    /// Loads `{path}.weight` and `{path}.bias` of `c` channels.
+    pub(crate) fn load(
         files: &dyn WeightSource,
         path: &str,
         groups: usize,
         c: usize,
         eps: f64,
         dev: &Device,
-    ) -> Result<Self, ExecError> {
+    ) -> Result<Self, WeightError> {
         Ok(GroupNormW {
             groups,
             eps,
@@ -215,7 +218,7 @@ impl GroupNormW {
         })
     }
 
-    fn apply(&self, x: Tensor<4>) -> Tensor<4> {
+    pub(crate) fn apply(&self, x: Tensor<4>) -> Tensor<4> {
         let [b, c, h, w] = x.dims();
         let g = self.groups;
         let x = x.reshape([b, g, c / g * h * w]);

@@ -6,7 +6,7 @@
 //!
 //! Try it: `rewire forward models/tiny-sd --inputs tests/fixtures/unet_cases/baseline.safetensors --out /tmp/out.safetensors`.
 
-mod kernels;
+pub(crate) mod kernels;
 pub mod tome;
 
 pub use kernels::{AttentionImpl, Kernel, Value};

@@ -5,13 +5,11 @@
 //!
 //! Try it: `cargo test --release --test vae` (decodes the DDIM pipeline case's latents).
 
-use crate::exec::upload;
+use crate::exec::kernels::{ConvW, GroupNormW, LinearW};
 use crate::weights::{WeightError, WeightSource};
 use burn::tensor::activation::silu;
-use burn::tensor::module::{attention, conv2d, interpolate, linear};
-use burn::tensor::ops::{
-    AttentionModuleOptions, ConvOptions, InterpolateMode, InterpolateOptions, PadMode,
-};
+use burn::tensor::module::{attention, interpolate};
+use burn::tensor::ops::{AttentionModuleOptions, InterpolateMode, InterpolateOptions, PadMode};
 use burn::tensor::{Device, Tensor};
 
 /// Group-norm epsilon of every norm in diffusers' VAE (`resnet_eps=1e-6`, `conv_norm_out`).
@@ -24,19 +22,9 @@ pub(crate) struct Loader<'a> {
     pub groups: usize,
 }
 
-impl Loader<'_> {
-    fn read(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>, WeightError> {
-        self.files.read(name, shape)
-    }
-}
-
-/// A 2-D convolution with bias.
+/// A 2-D convolution with bias (the executor's kernel), padded `pad` on every side.
 #[derive(Debug, Clone)]
-pub(crate) struct Conv {
-    w: Tensor<4>,
-    b: Tensor<1>,
-    opts: ConvOptions<2>,
-}
+pub(crate) struct Conv(ConvW);
 
 impl Conv {
     /// Loads `{path}.weight` `[cout, cin, k, k]` and `{path}.bias`; `pad` on every side.
@@ -49,81 +37,39 @@ impl Conv {
         stride: usize,
         pad: usize,
     ) -> Result<Self, WeightError> {
-        let w = l.read(&format!("{path}.weight"), &[cout, cin, k, k])?;
-        let b = l.read(&format!("{path}.bias"), &[cout])?;
-        Ok(Conv {
-            w: upload(&[cout, cin, k, k], w, l.device),
-            b: upload(&[cout], b, l.device),
-            opts: ConvOptions::new([stride, stride], [pad, pad], [1, 1], 1),
-        })
+        ConvW::load(l.files, path, cin, cout, k, stride, [pad; 4], l.device).map(Conv)
     }
 
     pub fn apply(&self, x: Tensor<4>) -> Tensor<4> {
-        conv2d(x, self.w.clone(), Some(self.b.clone()), self.opts.clone())
+        self.0.apply(x)
     }
 }
 
-/// Group norm with affine weights shaped `[1, C, 1, 1]`.
+/// Group norm over the loader's group count with the VAE's epsilon (the executor's kernel).
 #[derive(Debug, Clone)]
-pub(crate) struct GroupNorm {
-    groups: usize,
-    gamma: Tensor<4>,
-    beta: Tensor<4>,
-}
+pub(crate) struct GroupNorm(GroupNormW);
 
 impl GroupNorm {
     pub fn load(l: &Loader, path: &str, c: usize) -> Result<Self, WeightError> {
-        Ok(GroupNorm {
-            groups: l.groups,
-            gamma: upload(
-                &[1, c, 1, 1],
-                l.read(&format!("{path}.weight"), &[c])?,
-                l.device,
-            ),
-            beta: upload(
-                &[1, c, 1, 1],
-                l.read(&format!("{path}.bias"), &[c])?,
-                l.device,
-            ),
-        })
+        GroupNormW::load(l.files, path, l.groups, c, EPS, l.device).map(GroupNorm)
     }
 
     pub fn apply(&self, x: Tensor<4>) -> Tensor<4> {
-        let [b, c, h, w] = x.dims();
-        let g = self.groups;
-        let x = x.reshape([b, g, c / g * h * w]);
-        let mean = x.clone().mean_dim(2);
-        let xc = x - mean;
-        let var = xc.clone().square().mean_dim(2);
-        let x = xc / (var + EPS).sqrt();
-        x.reshape([b, c, h, w]) * self.gamma.clone() + self.beta.clone()
+        self.0.apply(x)
     }
 }
 
-/// A linear layer with bias, its weight transposed to `[in, out]`.
+/// A linear layer with bias (the executor's kernel).
 #[derive(Debug, Clone)]
-struct Linear {
-    w: Tensor<2>,
-    b: Tensor<1>,
-}
+struct Linear(LinearW);
 
 impl Linear {
     fn load(l: &Loader, path: &str, i: usize, o: usize) -> Result<Self, WeightError> {
-        let w = l.read(&format!("{path}.weight"), &[o, i])?;
-        let mut t = vec![0f32; w.len()];
-        for r in 0..o {
-            for c in 0..i {
-                t[c * o + r] = w[r * i + c];
-            }
-        }
-        Ok(Linear {
-            w: upload(&[i, o], t, l.device),
-            b: upload(&[o], l.read(&format!("{path}.bias"), &[o])?, l.device),
-        })
+        LinearW::load(l.files, path, i, o, true, l.device).map(Linear)
     }
 
     fn apply(&self, x: Tensor<3>) -> Tensor<3> {
-        linear(x, self.w.clone(), Some(self.b.clone()))
+        self.0.apply(x)
     }
 }
 
