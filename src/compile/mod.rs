@@ -970,14 +970,7 @@ pub fn compile_graph(
                         (patch, note)
                     }
                 };
-                graph.apply(&patch).map_err(|e| CompileError::Pass {
-                    pass: patch.label.clone(),
-                    source: Box::new(e),
-                })?;
-                graph.check(None).map_err(|e| CompileError::Pass {
-                    pass: patch.label.clone(),
-                    source: Box::new(e),
-                })?;
+                apply_pass(&mut graph, &patch)?;
                 patches.push(patch.label.clone());
                 notes.push(note);
             }
@@ -993,14 +986,7 @@ pub fn compile_graph(
                     _ => info.clone(),
                 };
                 let patch = apply_layer(&graph, node, &path, &info, &probs, src, &weights);
-                graph.apply(&patch).map_err(|e| CompileError::Pass {
-                    pass: patch.label.clone(),
-                    source: Box::new(e),
-                })?;
-                graph.check(None).map_err(|e| CompileError::Pass {
-                    pass: patch.label.clone(),
-                    source: Box::new(e),
-                })?;
+                apply_pass(&mut graph, &patch)?;
                 patches.push(patch.label.clone());
                 for l in &probs {
                     items.extend(&l.items);
@@ -1034,14 +1020,7 @@ pub fn compile_graph(
                 let (fusion, patch) = fuse_layer(&graph, &r.path, base, unbound);
                 r.fusion = fusion;
                 if let Some(patch) = patch {
-                    graph.apply(&patch).map_err(|e| CompileError::Pass {
-                        pass: patch.label.clone(),
-                        source: Box::new(e),
-                    })?;
-                    graph.check(None).map_err(|e| CompileError::Pass {
-                        pass: patch.label.clone(),
-                        source: Box::new(e),
-                    })?;
+                    apply_pass(&mut graph, &patch)?;
                     patches.push(patch.label.clone());
                     r.materialised.clear();
                 }
@@ -1064,6 +1043,16 @@ pub fn compile_graph(
         records,
         stores,
     })
+}
+
+/// Applies one pass's patch and runs the consistency check; errors name the pass.
+fn apply_pass(graph: &mut Graph, patch: &Patch) -> Result<(), CompileError> {
+    let err = |e| CompileError::Pass {
+        pass: patch.label.clone(),
+        source: Box::new(e),
+    };
+    graph.apply(patch).map_err(err)?;
+    graph.check(None).map_err(err)
 }
 
 fn order_matters(a: &RewriteOp, b: &RewriteOp) -> bool {
