@@ -7,6 +7,8 @@
 //!
 //! Run: `cargo bench --bench kv` (`-- kv_64` for the criterion part only).
 
+mod common;
+use common::peak_rss_mib;
 use criterion::{Criterion, criterion_group, criterion_main};
 use rewire::compile::{CompileOptions, compile_graph};
 use rewire::config::UNetConfig;
@@ -65,18 +67,6 @@ fn inputs(plan: &Plan) -> HashMap<String, Value> {
             (name.to_string(), Value::from_host(&t, plan.device()))
         })
         .collect()
-}
-
-fn peak_rss_mib() -> f64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmHWM:"))
-                .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
-        })
-        .map(|kib| kib / 1024.0)
-        .unwrap_or(f64::NAN)
 }
 
 /// Resets VmHWM (Linux ≥ 4.0) so the next reading is this variant's peak.

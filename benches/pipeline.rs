@@ -5,6 +5,8 @@
 //!
 //! Run: `cargo bench --bench pipeline`.
 
+mod common;
+use common::peak_rss_mib;
 use criterion::{Criterion, criterion_group, criterion_main};
 use rewire::config::UNetConfig;
 use rewire::exec::{HostTensor, LowerOptions, Plan};
@@ -16,18 +18,6 @@ use std::path::Path;
 use std::time::Duration;
 
 const SD15_DDIM: &str = r#"{"_class_name": "DDIMScheduler", "num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear", "steps_offset": 1, "clip_sample": false, "set_alpha_to_one": false}"#;
-
-fn peak_rss_mib() -> f64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmHWM:"))
-                .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
-        })
-        .map(|kib| kib / 1024.0)
-        .unwrap_or(f64::NAN)
-}
 
 fn step(c: &mut Criterion) {
     let device = rewire::backend::default_device().unwrap();

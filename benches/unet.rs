@@ -7,6 +7,8 @@
 //!
 //! Run: `cargo bench --bench unet` (add a filter, e.g. `-- sd15_rewrites`, for one group).
 
+mod common;
+use common::peak_rss_mib;
 use criterion::{Criterion, criterion_group, criterion_main};
 use rewire::config::UNetConfig;
 use rewire::exec::{HostTensor, LowerOptions, Plan, Value};
@@ -16,18 +18,6 @@ use rewire::weights::RandomWeights;
 use std::collections::HashMap;
 use std::path::Path;
 use std::time::Duration;
-
-fn peak_rss_mib() -> f64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmHWM:"))
-                .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
-        })
-        .map(|kib| kib / 1024.0)
-        .unwrap_or(f64::NAN)
-}
 
 fn inputs(plan: &Plan) -> HashMap<String, Value> {
     let rw = RandomWeights::new(3);

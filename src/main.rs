@@ -59,78 +59,10 @@ enum Cmd {
         batch: usize,
     },
     /// One UNet forward on the tensors of a safetensors file; writes `out`.
-    Forward {
-        model: PathBuf,
-        /// Safetensors with `sample`, `timestep`, `encoder_hidden_states` (+ `text_embeds`, `time_ids` for SDXL).
-        #[arg(long)]
-        inputs: PathBuf,
-        /// Where to write the output (tensor `out`).
-        #[arg(long)]
-        out: PathBuf,
-        /// Backend: flex (CPU), wgpu, cuda.
-        #[arg(long, default_value = "flex")]
-        device: String,
-        /// Apply a recipe (compiled for the inputs' shapes).
-        #[arg(long, conflicts_with = "plan")]
-        recipe: Option<PathBuf>,
-        /// Run a plan made by `rewire compile`.
-        #[arg(long)]
-        plan: Option<PathBuf>,
-        /// Where Store rewrites write `probs.<layer>` (default: OUT with .store.safetensors).
-        #[arg(long)]
-        store_out: Option<PathBuf>,
-        /// The denoising step this forward is (for recipes with step ranges).
-        #[arg(long, requires = "steps")]
-        step: Option<usize>,
-        /// The number of denoising steps of the run.
-        #[arg(long)]
-        steps: Option<usize>,
-        /// Do not fuse rewrites: every rewrite runs on materialised probabilities.
-        #[arg(long)]
-        no_fuse: bool,
-        /// Frames per group for ReplaceKv(source: Frames(...)): the batch is [uncond f0..fN-1, cond f0..fN-1].
-        #[arg(long)]
-        frames: Option<usize>,
-        /// Inputs of the reference pass (its `sample`, or `reference_sample`); defaults to the
-        /// inputs file's `reference_sample`. The pass is named "reference".
-        #[arg(long)]
-        reference: Option<PathBuf>,
-    },
+    Forward(ForwardArgs),
     /// Text to image: prompts → text encoder → denoising loop with CFG (and a recipe's
     /// rewrites) → VAE → PNG; Store rewrites also write their maps and heat-map PNGs.
-    Run {
-        /// A diffusers pipeline folder (unet/, text_encoder/, tokenizer/, vae/, scheduler/).
-        model: PathBuf,
-        /// A prompt; repeat for several (they run as one batch).
-        #[arg(long, required = true)]
-        prompt: Vec<String>,
-        #[arg(long, default_value = "")]
-        negative: String,
-        #[arg(long)]
-        recipe: Option<PathBuf>,
-        #[arg(long, default_value_t = 20)]
-        steps: usize,
-        #[arg(long, default_value_t = 7.5)]
-        guidance: f32,
-        /// ddim, pndm, euler or dpmpp2m (default: the pipeline's scheduler).
-        #[arg(long)]
-        scheduler: Option<String>,
-        #[arg(long, default_value_t = 0)]
-        seed: u64,
-        /// Initial latents: the tensor `latents`, else `latents_in`, else the file's only tensor.
-        #[arg(long)]
-        latents: Option<PathBuf>,
-        /// Image size WxH (default: the UNet's sample_size × the VAE factor).
-        #[arg(long)]
-        size: Option<String>,
-        #[arg(long, default_value = "flex")]
-        device: String,
-        #[arg(long)]
-        no_fuse: bool,
-        /// The image (several prompts: NAME_0.png, NAME_1.png, ...).
-        #[arg(short, long)]
-        output: PathBuf,
-    },
+    Run(RunArgs),
     /// Validate a recipe against a model.
     Check {
         recipe: PathBuf,
@@ -299,18 +231,42 @@ fn inspect(model: &Path, size: &Option<String>, batch: usize, as_json: bool) -> 
     Ok(())
 }
 
+#[derive(clap::Args)]
 struct ForwardArgs {
     model: PathBuf,
+    /// Safetensors with `sample`, `timestep`, `encoder_hidden_states` (+ `text_embeds`, `time_ids` for SDXL).
+    #[arg(long)]
     inputs: PathBuf,
+    /// Where to write the output (tensor `out`).
+    #[arg(long)]
     out: PathBuf,
+    /// Backend: flex (CPU), wgpu, cuda.
+    #[arg(long, default_value = "flex")]
     device: String,
+    /// Apply a recipe (compiled for the inputs' shapes).
+    #[arg(long, conflicts_with = "plan")]
     recipe: Option<PathBuf>,
+    /// Run a plan made by `rewire compile`.
+    #[arg(long)]
     plan: Option<PathBuf>,
+    /// Where Store rewrites write `probs.<layer>` (default: OUT with .store.safetensors).
+    #[arg(long)]
     store_out: Option<PathBuf>,
+    /// The denoising step this forward is (for recipes with step ranges).
+    #[arg(long, requires = "steps")]
     step: Option<usize>,
+    /// The number of denoising steps of the run.
+    #[arg(long)]
     steps: Option<usize>,
+    /// Do not fuse rewrites: every rewrite runs on materialised probabilities.
+    #[arg(long)]
     no_fuse: bool,
+    /// Frames per group for ReplaceKv(source: Frames(...)): the batch is [uncond f0..fN-1, cond f0..fN-1].
+    #[arg(long)]
     frames: Option<usize>,
+    /// Inputs of the reference pass (its `sample`, or `reference_sample`); defaults to the
+    /// inputs file's `reference_sample`. The pass is named "reference".
+    #[arg(long)]
     reference: Option<PathBuf>,
 }
 
@@ -478,19 +434,38 @@ fn forward(a: ForwardArgs) -> Result<()> {
     Ok(())
 }
 
+#[derive(clap::Args)]
 struct RunArgs {
+    /// A diffusers pipeline folder (unet/, text_encoder/, tokenizer/, vae/, scheduler/).
     model: PathBuf,
+    /// A prompt; repeat for several (they run as one batch).
+    #[arg(long, required = true)]
     prompt: Vec<String>,
+    #[arg(long, default_value = "")]
     negative: String,
+    #[arg(long)]
     recipe: Option<PathBuf>,
+    #[arg(long, default_value_t = 20)]
     steps: usize,
+    #[arg(long, default_value_t = 7.5)]
     guidance: f32,
+    /// ddim, pndm, euler or dpmpp2m (default: the pipeline's scheduler).
+    #[arg(long)]
     scheduler: Option<String>,
+    #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// Initial latents: the tensor `latents`, else `latents_in`, else the file's only tensor.
+    #[arg(long)]
     latents: Option<PathBuf>,
+    /// Image size WxH (default: the UNet's sample_size × the VAE factor).
+    #[arg(long)]
     size: Option<String>,
+    #[arg(long, default_value = "flex")]
     device: String,
+    #[arg(long)]
     no_fuse: bool,
+    /// The image (several prompts: NAME_0.png, NAME_1.png, ...).
+    #[arg(short, long)]
     output: PathBuf,
 }
 
@@ -720,62 +695,8 @@ fn run(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
-        Cmd::Forward {
-            model,
-            inputs,
-            out,
-            device,
-            recipe,
-            plan,
-            store_out,
-            step,
-            steps,
-            no_fuse,
-            frames,
-            reference,
-        } => forward(ForwardArgs {
-            model,
-            inputs,
-            out,
-            device,
-            recipe,
-            plan,
-            store_out,
-            step,
-            steps,
-            no_fuse,
-            frames,
-            reference,
-        }),
-        Cmd::Run {
-            model,
-            prompt,
-            negative,
-            recipe,
-            steps,
-            guidance,
-            scheduler,
-            seed,
-            latents,
-            size,
-            device,
-            no_fuse,
-            output,
-        } => run_job(RunArgs {
-            model,
-            prompt,
-            negative,
-            recipe,
-            steps,
-            guidance,
-            scheduler,
-            seed,
-            latents,
-            size,
-            device,
-            no_fuse,
-            output,
-        }),
+        Cmd::Forward(a) => forward(a),
+        Cmd::Run(a) => run_job(a),
         Cmd::Check {
             recipe,
             model,
