@@ -95,7 +95,7 @@ const RECIPES: [(&str, &str, bool); 4] = [
     ("reweight_fused", "reweight.ron", true),
     ("reweight_unfused", "reweight.ron", false),
     ("reweight_renorm_fused", "reweight_renorm.ron", true),
-    ("store_32x32_cap", "p2p_store.ron", true),
+    ("store_32x32_cap", "p2p_store_32x32.ron", true),
 ];
 
 fn sd15_rewrites(c: &mut Criterion) {
