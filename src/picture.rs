@@ -1,9 +1,9 @@
 //! Pictures people look at: the generated image as a PNG, and cross-attention heat maps like
 //! prompt-to-prompt's show_cross_attention — one tile per prompt token, the token's map
-//! upsampled over the image in red, the token's text underneath. Files are written under a
+//! upsampled over the image on a black-red-yellow scale, the token's text underneath. Files are written under a
 //! temporary name and renamed, so a failed run leaves no half-written PNG.
 //!
-//! Try it: `rewire run models/tiny-sd --recipe rewrites/p2p_store.ron --prompt "a photo of a cat" -o cat.png`.
+//! Try it: `rewire run models/shapes-sd --recipe rewrites/p2p_store.ron --prompt "a red circle on the left" -o store.png`.
 
 use crate::exec::HostTensor;
 use image::{Rgb, RgbImage};
@@ -81,10 +81,20 @@ fn draw_text(img: &mut RgbImage, text: &str, x0: u32, y0: u32, scale: u32) {
     }
 }
 
+/// A black → red → yellow scale for `a` in [0, 1].
+fn heat_colour(a: f32) -> [f32; 3] {
+    let r = (a * 2.0).min(1.0) * 255.0;
+    let g = (a * 2.0 - 1.0).clamp(0.0, 1.0) * 230.0;
+    let b = (a * 4.0 - 3.0).clamp(0.0, 1.0) * 120.0;
+    [r, g, b]
+}
+
 /// Heat-map tiles for one prompt: `maps` is `[r, r, keys]` (an aggregate of cross-attention
 /// probabilities), `tokens` the prompt's tokens as text (bos first), `image` the generated
-/// image. Each tile is the image darkened, with the token's map (normalised to its maximum,
-/// bilinearly upsampled) in red over it, and the token's text below.
+/// image. Each tile is the image in grey with the token's map over it, bilinearly upsampled and
+/// stretched from its own minimum (transparent) to its maximum (bright yellow) through a
+/// black-red-yellow colour scale (cross-attention maps sit near 1/keys everywhere, so only a
+/// stretch shows where a token attends), and the token's text below.
 pub fn heat_maps(
     maps: &HostTensor,
     tokens: &[String],
@@ -105,9 +115,10 @@ pub fn heat_maps(
     let mut out = RgbImage::from_pixel(n as u32 * (tile + 4), tile + label_h, Rgb([0, 0, 0]));
     for (k, token) in tokens.iter().take(n).enumerate() {
         let at = |y: usize, x: usize| maps.data[(y * rw + x) * keys + k];
-        let max = (0..rh * rw)
+        let (min, max) = (0..rh * rw)
             .map(|i| at(i / rw, i % rw))
-            .fold(f32::MIN_POSITIVE, f32::max);
+            .fold((f32::MAX, f32::MIN), |(lo, hi), v| (lo.min(v), hi.max(v)));
+        let span = (max - min).max(f32::MIN_POSITIVE);
         let x0 = k as u32 * (tile + 4);
         for y in 0..tile {
             for x in 0..tile {
@@ -123,14 +134,13 @@ pub fn heat_maps(
                     + at(y0, x1) * (1.0 - ty) * tx
                     + at(y1, x0i) * ty * (1.0 - tx)
                     + at(y1, x1) * ty * tx;
-                let a = (v / max).clamp(0.0, 1.0);
+                let a = ((v - min) / span).clamp(0.0, 1.0);
                 let p = bg.get_pixel(x, y).0;
-                let mix = |c: u8, heat: f32| ((c as f32 * 0.35) * (1.0 - a) + heat * a) as u8;
-                out.put_pixel(
-                    x0 + x,
-                    y,
-                    Rgb([mix(p[0], 255.0), mix(p[1], 40.0), mix(p[2], 20.0)]),
-                );
+                let grey = (0.299 * p[0] as f32 + 0.587 * p[1] as f32 + 0.114 * p[2] as f32) * 0.5;
+                let heat = heat_colour(a);
+                let w = 0.75 * a.sqrt();
+                let mix = |c: f32| (grey * (1.0 - w) + c * w) as u8;
+                out.put_pixel(x0 + x, y, Rgb([mix(heat[0]), mix(heat[1]), mix(heat[2])]));
             }
         }
         let label: String = token.chars().take((tile / 8) as usize).collect();
