@@ -1,0 +1,325 @@
+//! shapes-sd, the trained model rewire ships: each reference run of diffusers in
+//! tests/fixtures/shapes_cases reproduced (images within 1e-3 as floats and within one level in
+//! the PNG `rewire run` writes, `aggregate_cross_res8` within 1e-4), each rewrite changing the
+//! picture, the README's main job drawing the colour it was asked for, and the word swap keeping
+//! the layout.
+
+mod common;
+use common::*;
+use rewire::exec::HostTensor;
+use rewire::pipeline::{Pipeline, RunOptions, RunOutput};
+use rewire::recipe::Source;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn shapes_sd() -> PathBuf {
+    root().join("models/shapes-sd")
+}
+
+fn scase(name: &str) -> PathBuf {
+    root()
+        .join("tests/fixtures/shapes_cases")
+        .join(format!("{name}.safetensors"))
+}
+
+/// The settings every case was made with (manifest.json): DDIM, 20 steps, guidance 5.
+fn case_opts(prompts: &[&str], latents: HostTensor) -> RunOptions {
+    RunOptions {
+        prompts: prompts.iter().map(|p| p.to_string()).collect(),
+        negative: String::new(),
+        steps: 20,
+        guidance: 5.0,
+        scheduler: None,
+        seed: 0,
+        latents: Some(latents),
+        size: None,
+        fuse: true,
+    }
+}
+
+/// One `[H, W, 3]` image of a `[N, H, W, 3]` tensor.
+fn item(t: &HostTensor, i: usize) -> HostTensor {
+    let per: usize = t.shape[1..].iter().product();
+    HostTensor::new(
+        t.shape[1..].to_vec(),
+        t.data[i * per..(i + 1) * per].to_vec(),
+    )
+}
+
+/// Runs a case through the library; checks every image within 1e-3 of diffusers'.
+fn library_case(name: &str, prompts: &[&str], recipe: Option<&str>) -> (RunOutput, RunOptions) {
+    let path = scase(name);
+    let pipe = Pipeline::open(&shapes_sd(), &device()).unwrap();
+    let o = case_opts(prompts, expected(&path, "latents_in"));
+    let src = recipe.map(|r| Source::load(&root().join("rewrites").join(r)).unwrap());
+    let out = pipe.run(&o, src.as_ref(), |_, _| {}).unwrap();
+    let want = expected(&path, "images");
+    assert_eq!(out.images.len(), want.shape[0], "{name}: image count");
+    for (i, got) in out.images.iter().enumerate() {
+        let e = got.max_abs_diff(&item(&want, i));
+        println!("{name} image {i}: {e:e}");
+        assert!(e <= 1e-3, "{name}: image {i} differs by {e}");
+    }
+    (out, o)
+}
+
+/// The largest difference between two runs' images.
+fn image_change(a: &RunOutput, b: &RunOutput) -> f32 {
+    a.images
+        .iter()
+        .zip(&b.images)
+        .map(|(x, y)| x.max_abs_diff(y))
+        .fold(0.0, f32::max)
+}
+
+#[test]
+fn txt2img_cases() {
+    for (i, prompt) in [
+        "a red circle on the left",
+        "a blue square on the right",
+        "a green triangle at the top",
+    ]
+    .iter()
+    .enumerate()
+    {
+        library_case(&format!("txt2img_{i}"), &[prompt], None);
+    }
+}
+
+#[test]
+fn word_swap_red_blue() {
+    let prompts = ["a red circle on the left", "a blue circle on the left"];
+    let (swap, o) = library_case("word_swap_red_blue", &prompts, Some("p2p_word_swap.ron"));
+    // Without the rewrite the target prompt draws something else.
+    let pipe = Pipeline::open(&shapes_sd(), &device()).unwrap();
+    let plain = pipe.run(&o, None, |_, _| {}).unwrap();
+    let change = swap.images[1].max_abs_diff(&plain.images[1]);
+    assert!(
+        change > 0.05,
+        "the word swap changed the target by only {change}"
+    );
+    // The source's own image is untouched by the replacement (it only reads the source's maps).
+    assert!(swap.images[0].max_abs_diff(&plain.images[0]) <= 1e-5);
+}
+
+#[test]
+fn reweight_red_x3() {
+    let (rw, o) = library_case(
+        "reweight_red_x3",
+        &["a red circle"],
+        Some("p2p_reweight_red.ron"),
+    );
+    let pipe = Pipeline::open(&shapes_sd(), &device()).unwrap();
+    let plain = pipe.run(&o, None, |_, _| {}).unwrap();
+    let change = image_change(&rw, &plain);
+    assert!(
+        change > 0.05,
+        "the reweight changed the image by only {change}"
+    );
+}
+
+#[test]
+fn store_cross_res8() {
+    let (out, _) = library_case(
+        "store_cross_res8",
+        &["a red circle on the left"],
+        Some("p2p_store.ron"),
+    );
+    let got = &out.stores["aggregate_cross_res8"];
+    let want = expected(&scase("store_cross_res8"), "aggregate_cross_res8");
+    assert_eq!(got.shape, want.shape);
+    let e = got.max_abs_diff(&want);
+    println!("store_cross_res8 aggregate: {e:e}");
+    assert!(e <= 1e-4, "aggregate_cross_res8 differs by {e}");
+    // Not a constant map: the maps differ across the 8×8 positions.
+    let spread = want.data.iter().fold(0f32, |m, x| m.max(*x))
+        - want.data.iter().fold(1f32, |m, x| m.min(*x));
+    assert!(spread > 1e-2);
+}
+
+/// `rewire run` in the repository root; panics with its stderr when it fails.
+fn rewire(args: &[&str]) {
+    let o = Command::new(env!("CARGO_BIN_EXE_rewire"))
+        .args(args)
+        .current_dir(root())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "rewire {args:?}: {err}");
+}
+
+fn read_png(path: &Path) -> image::RgbImage {
+    image::open(path)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+        .to_rgb8()
+}
+
+#[test]
+fn cli_reproduces_every_case() {
+    let dir = tempfile::tempdir().unwrap();
+    let cases: [(&str, &[&str], Option<&str>); 6] = [
+        ("txt2img_0", &["a red circle on the left"], None),
+        ("txt2img_1", &["a blue square on the right"], None),
+        ("txt2img_2", &["a green triangle at the top"], None),
+        (
+            "word_swap_red_blue",
+            &["a red circle on the left", "a blue circle on the left"],
+            Some("rewrites/p2p_word_swap.ron"),
+        ),
+        (
+            "reweight_red_x3",
+            &["a red circle"],
+            Some("rewrites/p2p_reweight_red.ron"),
+        ),
+        (
+            "store_cross_res8",
+            &["a red circle on the left"],
+            Some("rewrites/p2p_store.ron"),
+        ),
+    ];
+    for (name, prompts, recipe) in cases {
+        let case = scase(name);
+        let out = dir.path().join(format!("{name}.png"));
+        let mut args: Vec<&str> = vec!["run", "models/shapes-sd", "--steps", "20"];
+        args.extend(["--guidance", "5", "--latents", case.to_str().unwrap()]);
+        for p in prompts {
+            args.extend(["--prompt", p]);
+        }
+        if let Some(r) = recipe {
+            args.extend(["--recipe", r]);
+        }
+        args.extend(["-o", out.to_str().unwrap()]);
+        rewire(&args);
+        let want = expected(&case, "images");
+        for i in 0..prompts.len() {
+            let png = if prompts.len() == 1 {
+                out.clone()
+            } else {
+                dir.path().join(format!("{name}_{i}.png"))
+            };
+            let got = read_png(&png);
+            let want = item(&want, i);
+            let worst = got
+                .as_raw()
+                .iter()
+                .zip(&want.data)
+                .map(|(&g, &w)| (g as f32 - (w.clamp(0.0, 1.0) * 255.0).round()).abs())
+                .fold(0f32, f32::max);
+            assert!(worst <= 1.0, "{name}: PNG {i} is {worst} levels off");
+        }
+        if name == "store_cross_res8" {
+            let store = dir.path().join("store_cross_res8.store.safetensors");
+            let got = expected(&store, "aggregate_cross_res8");
+            let e = got.max_abs_diff(&expected(&case, "aggregate_cross_res8"));
+            assert!(e <= 1e-4, "store file: aggregate_cross_res8 differs by {e}");
+            assert!(dir.path().join("store_cross_res8_heat.png").is_file());
+        }
+    }
+}
+
+/// Foreground: saturated pixels (the background is near-white, the shapes strongly coloured).
+fn foreground(img: &image::RgbImage) -> Vec<bool> {
+    img.pixels()
+        .map(|p| {
+            let (hi, lo) = (p.0.iter().max().unwrap(), p.0.iter().min().unwrap());
+            hi - lo > 80
+        })
+        .collect()
+}
+
+/// Mean colour of the foreground in [0, 1], and the foreground's share of the image.
+fn foreground_colour(img: &image::RgbImage) -> ([f32; 3], f32) {
+    let fg = foreground(img);
+    let n = fg.iter().filter(|&&f| f).count();
+    let mut sum = [0f32; 3];
+    for (p, _) in img.pixels().zip(&fg).filter(|(_, f)| **f) {
+        for (s, v) in sum.iter_mut().zip(p.0) {
+            *s += v as f32 / 255.0;
+        }
+    }
+    let n1 = n.max(1) as f32;
+    (
+        [sum[0] / n1, sum[1] / n1, sum[2] / n1],
+        n as f32 / fg.len() as f32,
+    )
+}
+
+/// The README's main job (default steps, guidance and scheduler) for three seeds.
+fn main_job_colour(prompt: &str, channel: usize) {
+    let dir = tempfile::tempdir().unwrap();
+    for seed in ["0", "1", "2"] {
+        let out = dir.path().join(format!("out_{seed}.png"));
+        let o = out.to_str().unwrap();
+        rewire(&[
+            "run",
+            "models/shapes-sd",
+            "--prompt",
+            prompt,
+            "--seed",
+            seed,
+            "-o",
+            o,
+        ]);
+        let (rgb, share) = foreground_colour(&read_png(&out));
+        println!("{prompt:?} seed {seed}: foreground {share:.3}, mean colour {rgb:.2?}");
+        assert!(share > 0.02, "{prompt:?} seed {seed}: no shape drawn");
+        for c in (0..3).filter(|&c| c != channel) {
+            assert!(
+                rgb[channel] > rgb[c] + 0.3,
+                "{prompt:?} seed {seed}: foreground colour {rgb:?} is not {}",
+                ["red", "green", "blue"][channel]
+            );
+        }
+    }
+}
+
+#[test]
+fn main_job_draws_red() {
+    main_job_colour("a red circle", 0);
+}
+
+#[test]
+fn blue_square_is_blue() {
+    main_job_colour("a blue square", 2);
+}
+
+#[test]
+fn word_swap_keeps_the_layout() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("swap.png");
+    rewire(&[
+        "run",
+        "models/shapes-sd",
+        "--recipe",
+        "rewrites/p2p_word_swap.ron",
+        "--prompt",
+        "a red circle on the left",
+        "--prompt",
+        "a blue circle on the left",
+        "--guidance",
+        "5",
+        "--latents",
+        scase("word_swap_red_blue").to_str().unwrap(),
+        "-o",
+        out.to_str().unwrap(),
+    ]);
+    let a = read_png(&dir.path().join("swap_0.png"));
+    let b = read_png(&dir.path().join("swap_1.png"));
+    let (fa, fb) = (foreground(&a), foreground(&b));
+    let inter = fa.iter().zip(&fb).filter(|(x, y)| **x && **y).count();
+    let union = fa.iter().zip(&fb).filter(|(x, y)| **x || **y).count();
+    let iou = inter as f32 / union.max(1) as f32;
+    println!("word swap foreground IoU: {iou:.3}");
+    assert!(iou >= 0.7, "the word swap moved the shapes: IoU {iou}");
+    let (ca, _) = foreground_colour(&a);
+    let (cb, _) = foreground_colour(&b);
+    assert!(ca[0] > ca[2] + 0.3, "source is not red: {ca:?}");
+    assert!(cb[2] > cb[0] + 0.3, "target is not blue: {cb:?}");
+    for f in [
+        "swap_0_heat.png",
+        "swap_1_heat.png",
+        "swap.store.safetensors",
+    ] {
+        assert!(dir.path().join(f).is_file(), "{f} missing");
+    }
+}
