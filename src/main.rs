@@ -104,6 +104,10 @@ enum Cmd {
         shape: ShapeArgs,
         #[arg(long)]
         no_fuse: bool,
+        /// Bind the recipe's words to this prompt (the last prompt of the runs the plan is for;
+        /// needs the pipeline's tokenizer/).
+        #[arg(long)]
+        prompt: Option<String>,
     },
 }
 
@@ -443,8 +447,12 @@ struct RunArgs {
     prompt: Vec<String>,
     #[arg(long, default_value = "")]
     negative: String,
-    #[arg(long)]
+    /// Apply a recipe (compiled for this run's shapes, steps and last prompt).
+    #[arg(long, conflicts_with = "plan")]
     recipe: Option<PathBuf>,
+    /// Run a plan made by `rewire compile` for this run's shapes and steps.
+    #[arg(long)]
+    plan: Option<PathBuf>,
     #[arg(long, default_value_t = 20)]
     steps: usize,
     #[arg(long, default_value_t = 7.5)]
@@ -530,7 +538,6 @@ fn run_job(a: RunArgs) -> Result<()> {
         }
         None => None,
     };
-    let recipe = a.recipe.as_deref().map(Source::load).transpose()?;
     let opts = RunOptions {
         prompts: a.prompt.clone(),
         negative: a.negative.clone(),
@@ -550,7 +557,45 @@ fn run_job(a: RunArgs) -> Result<()> {
         .expect("valid template")
         .progress_chars("=> "),
     );
-    let out = pipe.run(&opts, recipe.as_ref(), |i, _| bar.set_position(i as u64))?;
+    let compiled = match (&a.recipe, &a.plan) {
+        (Some(r), _) => Some(pipe.compile(&opts, &Source::load(r)?)?),
+        (None, Some(p)) => {
+            let plan = PlanFile::load(p, &pipe.unet.fingerprint())?;
+            let last = opts.prompts.last().expect("clap requires a prompt");
+            if let Some(bound) = &plan.prompt
+                && bound != last
+            {
+                bail!(
+                    "{}: the plan's words were bound to the prompt {bound:?}, this run's last prompt is {last:?}\n  hint: compile it again with --prompt {last:?}",
+                    p.display()
+                );
+            }
+            let spec = pipe.unet_spec(&opts)?;
+            if plan.spec != spec || plan.steps.is_some_and(|n| n != opts.steps) {
+                bail!(
+                    "{}: the plan was compiled for UNet inputs {:?}{}, this run needs {spec:?} and {} steps\n  hint: rewire compile RECIPE --model {} --batch {} --size {}x{} --steps {}{}",
+                    p.display(),
+                    plan.spec,
+                    plan.steps
+                        .map(|n| format!(" and {n} steps"))
+                        .unwrap_or_default(),
+                    opts.steps,
+                    a.model.display(),
+                    spec.batch,
+                    spec.height,
+                    spec.width,
+                    opts.steps,
+                    plan.prompt
+                        .as_ref()
+                        .map(|_| format!(" --prompt {last:?}"))
+                        .unwrap_or_default(),
+                );
+            }
+            Some(plan.compiled(p, &pipe.unet.graph(spec)?)?)
+        }
+        (None, None) => None,
+    };
+    let out = pipe.run_compiled(&opts, compiled.as_ref(), |i, _| bar.set_position(i as u64))?;
     bar.finish_and_clear();
     let several = out.images.len() > 1;
     let mut rgb = Vec::new();
@@ -608,6 +653,7 @@ fn compile_for(
     shape: &ShapeArgs,
     fuse: bool,
     require_bound_words: bool,
+    words: Option<std::collections::HashMap<String, Vec<usize>>>,
 ) -> Result<(UNet, Source, compile::Compiled)> {
     let unet = UNet::open(model)?;
     let mut spec = spec_for(&unet, &shape.size, shape.batch)?;
@@ -616,8 +662,8 @@ fn compile_for(
     let opts = CompileOptions {
         fuse,
         steps: shape.steps,
-        words: None,
         require_bound_words,
+        words,
         frames: shape.frames,
         references: None,
     };
@@ -702,7 +748,7 @@ fn run(cli: Cli) -> Result<()> {
             model,
             shape,
         } => {
-            let (_, src, c) = compile_for(&recipe, &model, &shape, true, false)?;
+            let (_, src, c) = compile_for(&recipe, &model, &shape, true, false, None)?;
             let layers: std::collections::BTreeSet<&str> = c
                 .segments
                 .iter()
@@ -724,7 +770,7 @@ fn run(cli: Cli) -> Result<()> {
             shape,
             no_fuse,
         } => {
-            let (_, _, c) = compile_for(&recipe, &model, &shape, !no_fuse, false)?;
+            let (_, _, c) = compile_for(&recipe, &model, &shape, !no_fuse, false, None)?;
             explain(&c);
             Ok(())
         }
@@ -735,7 +781,7 @@ fn run(cli: Cli) -> Result<()> {
             shape,
             no_fuse,
         } => {
-            let (_, _, c) = compile_for(&recipe, &model, &shape, !no_fuse, false)?;
+            let (_, _, c) = compile_for(&recipe, &model, &shape, !no_fuse, false, None)?;
             match format {
                 Format::Text => print!("{}", diff::text(&c)),
                 Format::Dot => print!("{}", diff::dot(&c)),
@@ -749,10 +795,24 @@ fn run(cli: Cli) -> Result<()> {
             output,
             shape,
             no_fuse,
+            prompt,
         } => {
             let t0 = std::time::Instant::now();
-            let (unet, src, c) = compile_for(&recipe, &model, &shape, !no_fuse, true)?;
-            let plan = PlanFile::new(&c, unet.fingerprint(), src.fingerprint());
+            let words = match &prompt {
+                Some(p) => {
+                    let dir = model.join("tokenizer");
+                    let tok = rewire::clip::tokenizer::Tokenizer::open(&dir).with_context(|| {
+                        format!(
+                            "--prompt binds words with the pipeline's tokenizer, and {} has none",
+                            model.display()
+                        )
+                    })?;
+                    Some(tok.word_positions(p))
+                }
+                None => None,
+            };
+            let (unet, src, c) = compile_for(&recipe, &model, &shape, !no_fuse, true, words)?;
+            let plan = PlanFile::new(&c, unet.fingerprint(), src.fingerprint()).with_prompt(prompt);
             plan.save(&output)?;
             eprintln!(
                 "compiled {} → {} ({} segment{}) in {:.3}s",

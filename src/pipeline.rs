@@ -50,6 +50,14 @@ pub enum PipelineError {
         height: usize,
         width: usize,
     },
+    #[error(
+        "the plan was compiled for UNet inputs {compiled:?}, this run needs {run:?}\n  hint: compile it for the run: `rewire compile RECIPE --model MODEL --batch B --size HxW --steps N` with B = 2 × prompts (1 × without guidance) and the latent size"
+    )]
+    Spec { compiled: InputSpec, run: InputSpec },
+    #[error(
+        "the plan was compiled for a {compiled}-step run, this run has {run} steps\n  hint: run with --steps {compiled}, or compile again with --steps {run}"
+    )]
+    Steps { compiled: usize, run: usize },
     #[error("give at least one --prompt")]
     NoPrompt,
     #[error(transparent)]
@@ -158,20 +166,63 @@ impl Pipeline {
         Ok((h / f, w / f))
     }
 
-    /// Runs the job; `progress(step, total)` is called after each step.
-    pub fn run(
-        &self,
-        opts: &RunOptions,
-        recipe: Option<&Source>,
-        mut progress: impl FnMut(usize, usize),
-    ) -> Result<RunOutput, PipelineError> {
+    /// The UNet's input spec for a run: batch (2 per prompt with guidance), latent size and text
+    /// length. A plan must have been compiled for exactly this spec.
+    pub fn unet_spec(&self, opts: &RunOptions) -> Result<InputSpec, PipelineError> {
         let p = opts.prompts.len();
         if p == 0 {
             return Err(PipelineError::NoPrompt);
         }
         let (lh, lw) = self.latent_size(opts.size)?;
+        let batch = if opts.guidance > 1.0 { 2 * p } else { p };
+        let mut spec = InputSpec::new(batch, lh, lw);
+        spec.text_len = self.tokenizer.max_length();
+        Ok(spec)
+    }
+
+    /// Compiles a recipe for a run: its shapes and step count, words bound to the last prompt.
+    pub fn compile(&self, opts: &RunOptions, src: &Source) -> Result<Compiled, PipelineError> {
+        let base = self.unet.graph(self.unet_spec(opts)?)?;
+        let last = opts.prompts.last().ok_or(PipelineError::NoPrompt)?;
+        let copts = CompileOptions {
+            fuse: opts.fuse,
+            steps: Some(opts.steps),
+            words: Some(self.tokenizer.word_positions(last)),
+            require_bound_words: true,
+            frames: None,
+            references: Some(vec![]),
+        };
+        Ok(crate::compile::compile_graph(src, &base, &copts)?)
+    }
+
+    /// Runs the job with a recipe compiled for it; `progress(step, total)` is called after each
+    /// step.
+    pub fn run(
+        &self,
+        opts: &RunOptions,
+        recipe: Option<&Source>,
+        progress: impl FnMut(usize, usize),
+    ) -> Result<RunOutput, PipelineError> {
+        let compiled = match recipe {
+            Some(src) => Some(self.compile(opts, src)?),
+            None => None,
+        };
+        self.run_compiled(opts, compiled.as_ref(), progress)
+    }
+
+    /// Runs the job with an already compiled recipe (from [`Pipeline::compile`] or a plan file
+    /// made for [`Pipeline::unet_spec`]).
+    pub fn run_compiled(
+        &self,
+        opts: &RunOptions,
+        compiled: Option<&Compiled>,
+        mut progress: impl FnMut(usize, usize),
+    ) -> Result<RunOutput, PipelineError> {
+        let spec = self.unet_spec(opts)?;
+        let p = opts.prompts.len();
+        let (lh, lw) = (spec.height, spec.width);
         let cfg = opts.guidance > 1.0;
-        let batch = if cfg { 2 * p } else { p };
+        let batch = spec.batch;
         let channels = self.unet.resolved.in_channels;
 
         // Text: [negative × P, prompts] (diffusers' order), encoded at once.
@@ -183,28 +234,24 @@ impl Pipeline {
         for prompt in &opts.prompts {
             ids.push(self.tokenizer.encode(prompt));
         }
-        let text_len = ids[0].len();
         let ehs = Value::R3(self.text.encode(&ids)).to_host();
 
-        // The UNet, compiled with the recipe for this run's shapes and step count.
-        let mut spec = InputSpec::new(batch, lh, lw);
-        spec.text_len = text_len;
-        let base = self.unet.graph(spec)?;
-        let compiled: Option<Compiled> = match recipe {
-            None => None,
-            Some(src) => {
-                let last = opts.prompts.last().expect("at least one prompt");
-                let copts = CompileOptions {
-                    fuse: opts.fuse,
-                    steps: Some(opts.steps),
-                    words: Some(self.tokenizer.word_positions(last)),
-                    require_bound_words: true,
-                    frames: None,
-                    references: Some(vec![]),
-                };
-                Some(crate::compile::compile_graph(src, &base, &copts)?)
+        if let Some(c) = compiled {
+            if c.spec != spec {
+                return Err(PipelineError::Spec {
+                    compiled: c.spec,
+                    run: spec,
+                });
             }
-        };
+            if let Some(n) = c.steps
+                && n != opts.steps
+            {
+                return Err(PipelineError::Steps {
+                    compiled: n,
+                    run: opts.steps,
+                });
+            }
+        }
         let mut cache = KernelCache::default();
         let lower = |g: &crate::graph::Graph, cache: &mut KernelCache| {
             Plan::lower_shared(
@@ -215,8 +262,8 @@ impl Pipeline {
                 cache,
             )
         };
-        let plans: Vec<(Option<(usize, usize)>, Plan)> = match &compiled {
-            None => vec![(None, lower(&base, &mut cache)?)],
+        let plans: Vec<(Option<(usize, usize)>, Plan)> = match compiled {
+            None => vec![(None, lower(&self.unet.graph(spec)?, &mut cache)?)],
             Some(c) => c
                 .segments
                 .iter()
@@ -278,12 +325,8 @@ impl Pipeline {
         let sigma = sched.init_noise_sigma();
         latents.iter_mut().for_each(|x| *x *= sigma);
 
-        let mut stores = StoreAccumulator::new(
-            compiled
-                .as_ref()
-                .map(|c| c.stores.clone())
-                .unwrap_or_default(),
-        );
+        let mut stores =
+            StoreAccumulator::new(compiled.map(|c| c.stores.clone()).unwrap_or_default());
         let mut latents_per_step = Vec::new();
         let timesteps: Vec<f64> = sched.timesteps().to_vec();
         for (i, &t) in timesteps.iter().enumerate() {
@@ -340,7 +383,7 @@ impl Pipeline {
             .collect();
 
         let mut stores = stores.finish();
-        if let Some(c) = &compiled {
+        if let Some(c) = compiled {
             aggregate_cross(c, &mut stores, p);
         }
         let tokens = opts

@@ -323,3 +323,128 @@ fn word_swap_keeps_the_layout() {
         assert!(dir.path().join(f).is_file(), "{f} missing");
     }
 }
+
+/// `rewire` in the repository root: (success, stderr).
+fn rewire_status(args: &[&str]) -> (bool, String) {
+    let o = Command::new(env!("CARGO_BIN_EXE_rewire"))
+        .args(args)
+        .current_dir(root())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr).into_owned();
+    assert!(!err.contains("panicked"), "{err}");
+    (o.status.success(), err)
+}
+
+#[test]
+fn run_with_a_plan_matches_the_recipe() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = |name: &str| dir.path().join(name).to_str().unwrap().to_string();
+    let (swap_plan, red_plan) = (p("swap.plan"), p("red.plan"));
+    rewire(&[
+        "compile",
+        "rewrites/p2p_word_swap.ron",
+        "--model",
+        "models/shapes-sd",
+        "--batch",
+        "4",
+        "--steps",
+        "20",
+        "-o",
+        &swap_plan,
+    ]);
+    let two = [
+        "--prompt",
+        "a red circle on the left",
+        "--prompt",
+        "a blue circle on the left",
+    ];
+    let run = |how: &[&str], out: &str| {
+        let mut args = vec!["run", "models/shapes-sd", "--seed", "3"];
+        args.extend(how);
+        args.extend(two);
+        args.extend(["-o", out]);
+        rewire(&args);
+    };
+    run(&["--plan", &swap_plan], &p("plan.png"));
+    run(
+        &["--recipe", "rewrites/p2p_word_swap.ron"],
+        &p("recipe.png"),
+    );
+    for f in ["_0.png", "_1.png", ".store.safetensors"] {
+        let a = std::fs::read(p(&format!("plan{f}"))).unwrap();
+        let b = std::fs::read(p(&format!("recipe{f}"))).unwrap();
+        assert!(a == b, "plan{f} differs from recipe{f}");
+    }
+    // A plan for another batch or step count is refused, saying what to compile.
+    let (ok, err) = rewire_status(&[
+        "run",
+        "models/shapes-sd",
+        "--plan",
+        &swap_plan,
+        "--prompt",
+        "a red circle",
+        "-o",
+        &p("x.png"),
+    ]);
+    assert!(
+        !ok && err.contains("batch: 4") && err.contains("--batch 2"),
+        "{err}"
+    );
+    let (ok, err) = rewire_status(&[
+        "run",
+        "models/shapes-sd",
+        "--plan",
+        &swap_plan,
+        "--steps",
+        "10",
+        "--prompt",
+        "a",
+        "--prompt",
+        "b",
+        "-o",
+        &p("x.png"),
+    ]);
+    assert!(
+        !ok && err.contains("20 steps") && err.contains("--steps 10"),
+        "{err}"
+    );
+    // Words are bound when compiling (--prompt); the run must end with that prompt.
+    let (ok, err) = rewire_status(&[
+        "compile",
+        "rewrites/p2p_reweight_red.ron",
+        "--model",
+        "models/shapes-sd",
+        "-o",
+        &red_plan,
+    ]);
+    assert!(!ok && err.contains("p2p_reweight_red.ron:") && err.contains("compile --prompt"));
+    rewire(&[
+        "compile",
+        "rewrites/p2p_reweight_red.ron",
+        "--model",
+        "models/shapes-sd",
+        "--prompt",
+        "a red circle",
+        "-o",
+        &red_plan,
+    ]);
+    let (ok, err) = rewire_status(&[
+        "run",
+        "models/shapes-sd",
+        "--plan",
+        &red_plan,
+        "--prompt",
+        "a red square",
+        "-o",
+        &p("x.png"),
+    ]);
+    assert!(
+        !ok && err.contains("bound to the prompt \"a red circle\""),
+        "{err}"
+    );
+    assert!(
+        !dir.path().join("x.png").exists(),
+        "a refused run wrote its output"
+    );
+}

@@ -440,7 +440,7 @@ pub fn compile_graph(
                         },
                         None if opts.require_bound_words => {
                             return Err(src
-                                .error(&p, "unbound-words", format!("Reweight by word (\"{word}\") needs a prompt to find the word's tokens"), "give a prompt (rewire run --prompt ...) or use tokens: {POSITION: WEIGHT}")
+                                .error(&p, "unbound-words", format!("Reweight by word (\"{word}\") needs a prompt to find the word's tokens"), "give a prompt (rewire run --prompt ..., or rewire compile --prompt ...) or use tokens: {POSITION: WEIGHT}")
                                 .into());
                         }
                         None => {

@@ -72,6 +72,10 @@ pub struct PlanFile {
     pub recipe_fingerprint: String,
     pub spec: InputSpec,
     pub steps: Option<usize>,
+    /// The prompt the recipe's words were bound to (`rewire compile --prompt`); a run with the
+    /// plan must end with this prompt.
+    #[serde(default)]
+    pub prompt: Option<String>,
     #[serde(default)]
     records: Vec<super::Record>,
     #[serde(default)]
@@ -112,6 +116,7 @@ impl PlanFile {
             recipe_fingerprint,
             spec: c.spec,
             steps: c.steps,
+            prompt: None,
             records: c.records.clone(),
             stores: c.stores.clone(),
             segments: c
@@ -127,6 +132,13 @@ impl PlanFile {
         };
         p.checksum = p.digest();
         p
+    }
+
+    /// Records the prompt the words were bound to (and re-seals the checksum).
+    pub fn with_prompt(mut self, prompt: Option<String>) -> PlanFile {
+        self.prompt = prompt;
+        self.checksum = self.digest();
+        self
     }
 
     pub fn save(&self, path: &Path) -> Result<(), PlanError> {
