@@ -127,23 +127,18 @@ fn same_seed_same_png() {
     let dir = tempfile::tempdir().unwrap();
     let run = |name: &str| {
         let out = dir.path().join(name);
-        let o = std::process::Command::new(env!("CARGO_BIN_EXE_rewire"))
-            .args([
-                "run",
-                "models/tiny-sd",
-                "--prompt",
-                "a red circle",
-                "--steps",
-                "3",
-                "--seed",
-                "7",
-                "-o",
-            ])
-            .arg(&out)
-            .current_dir(root())
-            .output()
-            .unwrap();
-        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        rewire_ok(&[
+            "run",
+            "models/tiny-sd",
+            "--prompt",
+            "a red circle",
+            "--steps",
+            "3",
+            "--seed",
+            "7",
+            "-o",
+            out.to_str().unwrap(),
+        ]);
         std::fs::read(out).unwrap()
     };
     let (a, b) = (run("a.png"), run("b.png"));
@@ -155,18 +150,8 @@ fn same_seed_same_png() {
 fn bad_runs_are_clear_errors() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("x.png");
-    let rewire = |args: &[&str]| {
-        let o = std::process::Command::new(env!("CARGO_BIN_EXE_rewire"))
-            .args(args)
-            .current_dir(root())
-            .output()
-            .unwrap();
-        let err = String::from_utf8_lossy(&o.stderr).into_owned();
-        assert!(!err.contains("panicked"), "{err}");
-        (o.status.success(), err)
-    };
     let o = out.to_str().unwrap();
-    let (ok, err) = rewire(&[
+    let (ok, _, err) = rewire(&[
         "run",
         "models/tiny-sd",
         "--prompt",
@@ -180,7 +165,7 @@ fn bad_runs_are_clear_errors() {
         !ok && err.contains("not divisible by the VAE factor 8"),
         "{err}"
     );
-    let (ok, err) = rewire(&[
+    let (ok, _, err) = rewire(&[
         "run",
         "models/tiny-sd",
         "--prompt",
@@ -191,13 +176,13 @@ fn bad_runs_are_clear_errors() {
         o,
     ]);
     assert!(!ok && err.contains("lms"), "{err}");
-    let (ok, err) = rewire(&["run", "models/tiny-sd/unet", "--prompt", "x", "-o", o]);
+    let (ok, _, err) = rewire(&["run", "models/tiny-sd/unet", "--prompt", "x", "-o", o]);
     assert!(
         !ok && err.contains("models/tiny-sd/unet: no unet/ folder") && err.contains("hint:"),
         "{err}"
     );
     // --scheduler pndm on a DDIM pipeline runs (PNDM with skip_prk_steps, as SD uses it).
-    let (ok, err) = rewire(&[
+    let (ok, _, err) = rewire(&[
         "run",
         "models/tiny-sd",
         "--prompt",
@@ -211,7 +196,7 @@ fn bad_runs_are_clear_errors() {
     ]);
     assert!(ok, "{err}");
     std::fs::remove_file(&out).unwrap();
-    let (ok, err) = rewire(&[
+    let (ok, _, err) = rewire(&[
         "run",
         "models/tiny-sd",
         "--prompt",

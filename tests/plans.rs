@@ -3,21 +3,6 @@
 
 mod common;
 use common::*;
-use std::process::Command;
-
-fn rewire(args: &[&str]) -> (bool, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_rewire"))
-        .args(args)
-        .current_dir(root())
-        .output()
-        .unwrap();
-    let (so, se) = (
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    );
-    assert!(!se.contains("panicked"), "rewire panicked: {se}");
-    (out.status.success(), so, se)
-}
 
 fn s(p: &std::path::Path) -> &str {
     p.to_str().unwrap()

@@ -10,7 +10,6 @@ use rewire::exec::HostTensor;
 use rewire::pipeline::{Pipeline, RunOptions, RunOutput};
 use rewire::recipe::Source;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 fn shapes_sd() -> PathBuf {
     root().join("models/shapes-sd")
@@ -137,17 +136,6 @@ fn store_cross_res8() {
     assert!(spread > 1e-2);
 }
 
-/// `rewire run` in the repository root; panics with its stderr when it fails.
-fn rewire(args: &[&str]) {
-    let o = Command::new(env!("CARGO_BIN_EXE_rewire"))
-        .args(args)
-        .current_dir(root())
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&o.stderr);
-    assert!(o.status.success(), "rewire {args:?}: {err}");
-}
-
 fn read_png(path: &Path) -> image::RgbImage {
     image::open(path)
         .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
@@ -189,7 +177,7 @@ fn cli_reproduces_every_case() {
             args.extend(["--recipe", r]);
         }
         args.extend(["-o", out.to_str().unwrap()]);
-        rewire(&args);
+        rewire_ok(&args);
         let want = expected(&case, "images");
         for i in 0..prompts.len() {
             let png = if prompts.len() == 1 {
@@ -250,7 +238,7 @@ fn main_job_colour(prompt: &str, channel: usize) {
     for seed in ["0", "1", "2"] {
         let out = dir.path().join(format!("out_{seed}.png"));
         let o = out.to_str().unwrap();
-        rewire(&[
+        rewire_ok(&[
             "run",
             "models/shapes-sd",
             "--prompt",
@@ -287,7 +275,7 @@ fn blue_square_is_blue() {
 fn word_swap_keeps_the_layout() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("swap.png");
-    rewire(&[
+    rewire_ok(&[
         "run",
         "models/shapes-sd",
         "--recipe",
@@ -324,24 +312,12 @@ fn word_swap_keeps_the_layout() {
     }
 }
 
-/// `rewire` in the repository root: (success, stderr).
-fn rewire_status(args: &[&str]) -> (bool, String) {
-    let o = Command::new(env!("CARGO_BIN_EXE_rewire"))
-        .args(args)
-        .current_dir(root())
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&o.stderr).into_owned();
-    assert!(!err.contains("panicked"), "{err}");
-    (o.status.success(), err)
-}
-
 #[test]
 fn run_with_a_plan_matches_the_recipe() {
     let dir = tempfile::tempdir().unwrap();
     let p = |name: &str| dir.path().join(name).to_str().unwrap().to_string();
     let (swap_plan, red_plan) = (p("swap.plan"), p("red.plan"));
-    rewire(&[
+    rewire_ok(&[
         "compile",
         "rewrites/p2p_word_swap.ron",
         "--model",
@@ -364,7 +340,7 @@ fn run_with_a_plan_matches_the_recipe() {
         args.extend(how);
         args.extend(two);
         args.extend(["-o", out]);
-        rewire(&args);
+        rewire_ok(&args);
     };
     run(&["--plan", &swap_plan], &p("plan.png"));
     run(
@@ -377,7 +353,7 @@ fn run_with_a_plan_matches_the_recipe() {
         assert!(a == b, "plan{f} differs from recipe{f}");
     }
     // A plan for another batch or step count is refused, saying what to compile.
-    let (ok, err) = rewire_status(&[
+    let (ok, _, err) = rewire(&[
         "run",
         "models/shapes-sd",
         "--plan",
@@ -391,7 +367,7 @@ fn run_with_a_plan_matches_the_recipe() {
         !ok && err.contains("batch: 4") && err.contains("--batch 2"),
         "{err}"
     );
-    let (ok, err) = rewire_status(&[
+    let (ok, _, err) = rewire(&[
         "run",
         "models/shapes-sd",
         "--plan",
@@ -410,7 +386,7 @@ fn run_with_a_plan_matches_the_recipe() {
         "{err}"
     );
     // Words are bound when compiling (--prompt); the run must end with that prompt.
-    let (ok, err) = rewire_status(&[
+    let (ok, _, err) = rewire(&[
         "compile",
         "rewrites/p2p_reweight_red.ron",
         "--model",
@@ -419,7 +395,7 @@ fn run_with_a_plan_matches_the_recipe() {
         &red_plan,
     ]);
     assert!(!ok && err.contains("p2p_reweight_red.ron:") && err.contains("compile --prompt"));
-    rewire(&[
+    rewire_ok(&[
         "compile",
         "rewrites/p2p_reweight_red.ron",
         "--model",
@@ -429,7 +405,7 @@ fn run_with_a_plan_matches_the_recipe() {
         "-o",
         &red_plan,
     ]);
-    let (ok, err) = rewire_status(&[
+    let (ok, _, err) = rewire(&[
         "run",
         "models/shapes-sd",
         "--plan",

@@ -154,3 +154,25 @@ pub fn recipe_case(
     .unwrap();
     plan.run_host(&inputs.tensors).unwrap()
 }
+
+/// Runs the `rewire` binary in the repository root: (success, stdout, stderr). Fails the test
+/// if it panicked, whatever the exit status.
+pub fn rewire(args: &[&str]) -> (bool, String, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_rewire"))
+        .args(args)
+        .current_dir(root())
+        .output()
+        .unwrap();
+    let (so, se) = (
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    );
+    assert!(!se.contains("panicked"), "rewire panicked: {se}");
+    (out.status.success(), so, se)
+}
+
+/// [`rewire`] that must succeed.
+pub fn rewire_ok(args: &[&str]) {
+    let (ok, _, err) = rewire(args);
+    assert!(ok, "rewire {args:?}: {err}");
+}
