@@ -465,9 +465,18 @@ struct RunArgs {
     /// Initial latents: the tensor `latents`, else `latents_in`, else the file's only tensor.
     #[arg(long)]
     latents: Option<PathBuf>,
-    /// Image size WxH (default: the UNet's sample_size × the VAE factor).
+    /// Image size WxH (default: the init image's size, else the UNet's sample_size × the VAE
+    /// factor).
     #[arg(long)]
     size: Option<String>,
+    /// Image to image: start from this picture (PNG, JPEG, ...), encoded by the VAE and noised
+    /// to the first step that runs.
+    #[arg(long)]
+    image: Option<PathBuf>,
+    /// With --image: the share of the schedule to run, in (0, 1]; low values stay close to the
+    /// picture.
+    #[arg(long, default_value_t = 0.8, requires = "image")]
+    strength: f32,
     #[arg(long, default_value = "flex")]
     device: String,
     #[arg(long)]
@@ -475,6 +484,16 @@ struct RunArgs {
     /// The image (several prompts: NAME_0.png, NAME_1.png, ...).
     #[arg(short, long)]
     output: PathBuf,
+}
+
+/// A picture as `[H, W, 3]` in [0, 1].
+fn read_image(path: &Path) -> Result<HostTensor> {
+    let img = image::open(path)
+        .with_context(|| format!("--image {}: cannot read the picture", path.display()))?
+        .to_rgb8();
+    let (w, h) = img.dimensions();
+    let data = img.as_raw().iter().map(|&v| v as f32 / 255.0).collect();
+    Ok(HostTensor::new(vec![h as usize, w as usize, 3], data))
 }
 
 fn read_latents(path: &Path) -> Result<HostTensor> {
@@ -548,6 +567,8 @@ fn run_job(a: RunArgs) -> Result<()> {
         latents: a.latents.as_deref().map(read_latents).transpose()?,
         size,
         fuse: !a.no_fuse,
+        init_image: a.image.as_deref().map(read_image).transpose()?,
+        strength: a.strength,
     };
     let bar = indicatif::ProgressBar::new(a.steps as u64);
     bar.set_style(
@@ -571,7 +592,9 @@ fn run_job(a: RunArgs) -> Result<()> {
                 );
             }
             let spec = pipe.unet_spec(&opts)?;
-            if plan.spec != spec || plan.steps.is_some_and(|n| n != opts.steps) {
+            // Steps here are UNet calls: PNDM makes one more, image to image fewer.
+            let calls = pipe.schedule(&opts)?.1.len();
+            if plan.spec != spec || plan.steps.is_some_and(|n| n != calls) {
                 bail!(
                     "{}: the plan was compiled for UNet inputs {:?}{}, this run needs {spec:?} and {} steps\n  hint: rewire compile RECIPE --model {} --batch {} --size {}x{} --steps {}{}",
                     p.display(),
@@ -579,12 +602,12 @@ fn run_job(a: RunArgs) -> Result<()> {
                     plan.steps
                         .map(|n| format!(" and {n} steps"))
                         .unwrap_or_default(),
-                    opts.steps,
+                    calls,
                     a.model.display(),
                     spec.batch,
                     spec.height,
                     spec.width,
-                    opts.steps,
+                    calls,
                     plan.prompt
                         .as_ref()
                         .map(|_| format!(" --prompt {last:?}"))
@@ -595,7 +618,10 @@ fn run_job(a: RunArgs) -> Result<()> {
         }
         (None, None) => None,
     };
-    let out = pipe.run_compiled(&opts, compiled.as_ref(), |i, _| bar.set_position(i as u64))?;
+    let out = pipe.run_compiled(&opts, compiled.as_ref(), |i, n| {
+        bar.set_length(n as u64);
+        bar.set_position(i as u64)
+    })?;
     bar.finish_and_clear();
     let several = out.images.len() > 1;
     let mut rgb = Vec::new();

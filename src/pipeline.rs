@@ -58,6 +58,23 @@ pub enum PipelineError {
         "the plan was compiled for a {compiled}-step run, this run has {run} steps\n  hint: run with --steps {compiled}, or compile again with --steps {run}"
     )]
     Steps { compiled: usize, run: usize },
+    #[error(
+        "the init image is {}×{}, the run asks for {}×{}\n  hint: leave out --size (the image's size is used) or resize the image", image.0, image.1, size.0, size.1
+    )]
+    ImageSize {
+        image: (usize, usize),
+        size: (usize, usize),
+    },
+    #[error("the init image has shape {shape:?}, expected [H, W, 3] in [0, 1]")]
+    Image { shape: Vec<usize> },
+    #[error(
+        "--strength {strength} is outside (0, 1]\n  hint: 1 starts from (almost) pure noise, small values stay close to the image"
+    )]
+    Strength { strength: f32 },
+    #[error(
+        "--strength {strength} of {steps} steps runs no step\n  hint: raise --strength or --steps so that strength × steps ≥ 1"
+    )]
+    NoSteps { strength: f32, steps: usize },
     #[error("give at least one --prompt")]
     NoPrompt,
     #[error(transparent)]
@@ -101,6 +118,31 @@ pub struct RunOptions {
     /// Image width and height (default: the UNet's sample_size × the VAE factor).
     pub size: Option<(usize, usize)>,
     pub fuse: bool,
+    /// Image to image: the start image `[H, W, 3]` in [0, 1] (its VAE latents, noised to the
+    /// first timestep that runs, replace the initial noise; `latents`/`seed` give the noise).
+    pub init_image: Option<HostTensor>,
+    /// How much of the schedule an init image goes through, in (0, 1] (diffusers' `strength`).
+    pub strength: f32,
+}
+
+impl Default for RunOptions {
+    /// diffusers' defaults: 20 steps (rewire's), guidance 7.5, the pipeline's scheduler,
+    /// seed 0, the model's size, fused rewrites, strength 0.8 for an init image.
+    fn default() -> Self {
+        RunOptions {
+            prompts: vec![],
+            negative: String::new(),
+            steps: 20,
+            guidance: 7.5,
+            scheduler: None,
+            seed: 0,
+            latents: None,
+            size: None,
+            fuse: true,
+            init_image: None,
+            strength: 0.8,
+        }
+    }
 }
 
 /// What a run produced.
@@ -140,15 +182,26 @@ impl Pipeline {
         })
     }
 
-    /// The latent size for an image size, checked against the VAE factor.
-    pub fn latent_size(
-        &self,
-        size: Option<(usize, usize)>,
-    ) -> Result<(usize, usize), PipelineError> {
+    /// The latent size of a run (`--size`, else the init image's size, else the UNet's
+    /// sample_size × the VAE factor), checked against the VAE factor.
+    pub fn latent_size(&self, opts: &RunOptions) -> Result<(usize, usize), PipelineError> {
         let f = self.vae.downsample_factor();
-        let (w, h) = match size {
-            Some(s) => s,
-            None => {
+        let image = match &opts.init_image {
+            Some(i) if i.shape.len() == 3 && i.shape[2] == 3 => Some((i.shape[1], i.shape[0])),
+            Some(i) => {
+                return Err(PipelineError::Image {
+                    shape: i.shape.clone(),
+                });
+            }
+            None => None,
+        };
+        let (w, h) = match (opts.size, image) {
+            (Some(size), Some(image)) if size != image => {
+                return Err(PipelineError::ImageSize { image, size });
+            }
+            (Some(s), _) => s,
+            (None, Some(s)) => s,
+            (None, None) => {
                 let n = match &self.unet.config.sample_size {
                     Some(serde_json::Value::Number(n)) => n.as_u64().unwrap_or(64) as usize,
                     _ => 64,
@@ -173,11 +226,56 @@ impl Pipeline {
         if p == 0 {
             return Err(PipelineError::NoPrompt);
         }
-        let (lh, lw) = self.latent_size(opts.size)?;
+        let (lh, lw) = self.latent_size(opts)?;
         let batch = if opts.guidance > 1.0 { 2 * p } else { p };
         let mut spec = InputSpec::new(batch, lh, lw);
         spec.text_len = self.tokenizer.max_length();
         Ok(spec)
+    }
+
+    /// The scheduler set up for a run, and the timesteps its loop runs the UNet at: one per step
+    /// (PNDM with skip_prk_steps: one more, as in diffusers), or with an init image only the last
+    /// `strength × steps` of them (diffusers' img2img `get_timesteps`). A recipe's step indices
+    /// count these UNet calls from 0.
+    pub fn schedule(&self, opts: &RunOptions) -> Result<(Scheduler, Vec<f64>), PipelineError> {
+        let mut sched = match &opts.scheduler {
+            Some(name) => {
+                // Switching to PNDM from another class's config: Stable Diffusion runs PNDM
+                // with skip_prk_steps (its own configs say so); other classes do not set it.
+                let mut config = self.scheduler.clone();
+                let pndm = matches!(
+                    name.to_lowercase().as_str(),
+                    "pndm" | "plms" | "pndmscheduler"
+                );
+                if pndm && config.raw("skip_prk_steps").is_none() {
+                    config.set("skip_prk_steps", serde_json::Value::Bool(true));
+                }
+                Scheduler::from_name(name, &config)
+            }
+            None => Scheduler::from_config(&self.scheduler),
+        }
+        .map_err(component("scheduler"))?;
+        sched
+            .set_timesteps(opts.steps)
+            .map_err(component("scheduler"))?;
+        let mut timesteps = sched.timesteps().to_vec();
+        if opts.init_image.is_some() {
+            if !(opts.strength > 0.0 && opts.strength <= 1.0) {
+                return Err(PipelineError::Strength {
+                    strength: opts.strength,
+                });
+            }
+            let init = ((opts.steps as f64 * opts.strength as f64) as usize).min(opts.steps);
+            let start = (opts.steps - init) * sched.order();
+            if start >= timesteps.len() || init == 0 {
+                return Err(PipelineError::NoSteps {
+                    strength: opts.strength,
+                    steps: opts.steps,
+                });
+            }
+            timesteps.drain(..start);
+        }
+        Ok((sched, timesteps))
     }
 
     /// Compiles a recipe for a run: its shapes and step count, words bound to the last prompt.
@@ -186,7 +284,7 @@ impl Pipeline {
         let last = opts.prompts.last().ok_or(PipelineError::NoPrompt)?;
         let copts = CompileOptions {
             fuse: opts.fuse,
-            steps: Some(opts.steps),
+            steps: Some(self.schedule(opts)?.1.len()),
             words: Some(self.tokenizer.word_positions(last)),
             require_bound_words: true,
             frames: None,
@@ -243,13 +341,11 @@ impl Pipeline {
                     run: spec,
                 });
             }
+            let run = self.schedule(opts)?.1.len();
             if let Some(n) = c.steps
-                && n != opts.steps
+                && n != run
             {
-                return Err(PipelineError::Steps {
-                    compiled: n,
-                    run: opts.steps,
-                });
+                return Err(PipelineError::Steps { compiled: n, run });
             }
         }
         let mut cache = KernelCache::default();
@@ -279,26 +375,7 @@ impl Pipeline {
         };
 
         // Scheduler and initial latents.
-        let mut sched = match &opts.scheduler {
-            Some(name) => {
-                // Switching to PNDM from another class's config: Stable Diffusion runs PNDM
-                // with skip_prk_steps (its own configs say so); other classes do not set it.
-                let mut config = self.scheduler.clone();
-                let pndm = matches!(
-                    name.to_lowercase().as_str(),
-                    "pndm" | "plms" | "pndmscheduler"
-                );
-                if pndm && config.raw("skip_prk_steps").is_none() {
-                    config.set("skip_prk_steps", serde_json::Value::Bool(true));
-                }
-                Scheduler::from_name(name, &config)
-            }
-            None => Scheduler::from_config(&self.scheduler),
-        }
-        .map_err(component("scheduler"))?;
-        sched
-            .set_timesteps(opts.steps)
-            .map_err(component("scheduler"))?;
+        let (mut sched, timesteps) = self.schedule(opts)?;
         let per = channels * lh * lw;
         let mut latents: Vec<f32> = match &opts.latents {
             Some(l) => {
@@ -322,13 +399,22 @@ impl Pipeline {
             }
             None => gaussian(opts.seed, p * per),
         };
-        let sigma = sched.init_noise_sigma();
-        latents.iter_mut().for_each(|x| *x *= sigma);
+        match &opts.init_image {
+            // Image to image: the image's latents noised to the first timestep that runs.
+            Some(img) => {
+                let z = Value::R4(self.vae.encode(image_tensor(img, &self.device))).to_host();
+                let z: Vec<f32> = z.data.iter().copied().cycle().take(p * per).collect();
+                latents = sched.add_noise(&z, &latents, timesteps[0]);
+            }
+            None => {
+                let sigma = sched.init_noise_sigma();
+                latents.iter_mut().for_each(|x| *x *= sigma);
+            }
+        }
 
         let mut stores =
             StoreAccumulator::new(compiled.map(|c| c.stores.clone()).unwrap_or_default());
         let mut latents_per_step = Vec::new();
-        let timesteps: Vec<f64> = sched.timesteps().to_vec();
         for (i, &t) in timesteps.iter().enumerate() {
             let model_in: Vec<f32> = if cfg {
                 latents.iter().chain(&latents).copied().collect()
@@ -404,6 +490,16 @@ impl Pipeline {
             tokens,
         })
     }
+}
+
+/// An `[H, W, 3]` image in [0, 1] as the VAE's `[1, 3, H, W]` input in [-1, 1].
+fn image_tensor(img: &HostTensor, device: &Device) -> burn::tensor::Tensor<4> {
+    let (h, w) = (img.shape[0], img.shape[1]);
+    let mut chw = vec![0f32; h * w * 3];
+    for (i, v) in img.data.iter().enumerate() {
+        chw[(i % 3) * h * w + i / 3] = v * 2.0 - 1.0;
+    }
+    crate::exec::upload::<4>(&[1, 3, h, w], chw, device)
 }
 
 /// prompt-to-prompt's aggregate_attention for cross-attention: the mean over heads and over the

@@ -24,8 +24,7 @@ fn opts(scheduler: &str, latents: Option<HostTensor>) -> RunOptions {
         scheduler: Some(scheduler.into()),
         seed: 0,
         latents,
-        size: None,
-        fuse: true,
+        ..Default::default()
     }
 }
 

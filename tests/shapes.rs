@@ -31,8 +31,7 @@ fn case_opts(prompts: &[&str], latents: HostTensor) -> RunOptions {
         scheduler: None,
         seed: 0,
         latents: Some(latents),
-        size: None,
-        fuse: true,
+        ..Default::default()
     }
 }
 
@@ -423,4 +422,103 @@ fn run_with_a_plan_matches_the_recipe() {
         !dir.path().join("x.png").exists(),
         "a refused run wrote its output"
     );
+}
+
+/// Image to image from a red circle drawn by the model: a little strength keeps the picture,
+/// more strength with another colour repaints the shape where it was.
+#[test]
+fn image_to_image() {
+    let pipe = Pipeline::open(&shapes_sd(), &device()).unwrap();
+    let red = RunOptions {
+        prompts: vec!["a red circle".into()],
+        ..Default::default()
+    };
+    let init = pipe.run(&red, None, |_, _| {}).unwrap().images.remove(0);
+    let img2img = |prompt: &str, strength: f32| {
+        let o = RunOptions {
+            prompts: vec![prompt.into()],
+            init_image: Some(init.clone()),
+            strength,
+            seed: 5,
+            ..Default::default()
+        };
+        let mut calls = 0;
+        let out = pipe.run(&o, None, |_, _| calls += 1).unwrap();
+        (out.images[0].clone(), calls)
+    };
+    let mean_abs = |a: &HostTensor, b: &HostTensor| {
+        a.data
+            .iter()
+            .zip(&b.data)
+            .map(|(x, y)| (x - y).abs())
+            .sum::<f32>()
+            / a.data.len() as f32
+    };
+    let (near, calls) = img2img("a red circle", 0.15);
+    assert_eq!(calls, 3, "strength 0.15 of 20 steps runs the last 3");
+    let d = mean_abs(&near, &init);
+    println!("strength 0.15: mean abs change {d:.4}");
+    assert!(d < 0.03, "a light img2img moved the picture by {d}");
+    assert!(d > 0.0, "img2img returned its input unchanged");
+
+    let (blue, calls) = img2img("a blue circle", 0.6);
+    assert_eq!(calls, 12);
+    let to_rgb = |t: &HostTensor| rewire::picture::to_rgb(t).unwrap();
+    let (a, b) = (to_rgb(&init), to_rgb(&blue));
+    let (fa, fb) = (foreground(&a), foreground(&b));
+    let inter = fa.iter().zip(&fb).filter(|(x, y)| **x && **y).count();
+    let union = fa.iter().zip(&fb).filter(|(x, y)| **x || **y).count();
+    let iou = inter as f32 / union.max(1) as f32;
+    let (colour, _) = foreground_colour(&b);
+    println!("strength 0.6, blue: IoU with the red input {iou:.3}, colour {colour:.2?}");
+    assert!(
+        colour[2] > colour[0] + 0.3,
+        "not repainted blue: {colour:?}"
+    );
+    assert!(iou >= 0.5, "the shape moved: IoU {iou}");
+}
+
+#[test]
+fn image_to_image_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("x.png");
+    let o = out.to_str().unwrap();
+    let img = "docs/shapes/out.png";
+    let run = |extra: &[&str]| {
+        let mut args = vec!["run", "models/shapes-sd", "--prompt", "x", "-o", o];
+        args.extend(extra);
+        rewire(&args)
+    };
+    let (ok, _, err) = run(&["--image", img, "--strength", "0.01"]);
+    assert!(
+        !ok && err.contains("runs no step") && err.contains("hint:"),
+        "{err}"
+    );
+    let (ok, _, err) = run(&["--image", img, "--strength", "1.5"]);
+    assert!(!ok && err.contains("outside (0, 1]"), "{err}");
+    let (ok, _, err) = run(&["--image", img, "--size", "128x128"]);
+    assert!(!ok && err.contains("the init image is 64×64"), "{err}");
+    let (ok, _, err) = run(&["--image", "README.md"]);
+    assert!(
+        !ok && err.contains("README.md: cannot read the picture"),
+        "{err}"
+    );
+    assert!(!out.exists());
+}
+
+/// PNDM runs one UNet call more than its steps; a recipe's step segments cover it.
+#[test]
+fn recipe_with_pndm_covers_every_unet_call() {
+    let pipe = Pipeline::open(&shapes_sd(), &device()).unwrap();
+    let o = RunOptions {
+        prompts: vec!["a red circle".into(), "a blue circle".into()],
+        steps: 6,
+        scheduler: Some("pndm".into()),
+        ..Default::default()
+    };
+    let src = Source::load(&root().join("rewrites/p2p_word_swap.ron")).unwrap();
+    let c = pipe.compile(&o, &src).unwrap();
+    assert_eq!(c.steps, Some(7));
+    let out = pipe.run_compiled(&o, Some(&c), |_, _| {}).unwrap();
+    assert_eq!(out.latents_per_step.len(), 7);
 }

@@ -161,6 +161,20 @@ impl DpmSolverMultistep {
         (alpha, sigma * alpha)
     }
 
+    /// `add_noise`: `alpha_t·original + sigma_t·noise` for timestep `t`'s sigma
+    /// (image-to-image's start).
+    pub fn add_noise(&self, original: &[f32], noise: &[f32], t: f64) -> Vec<f32> {
+        check_len(Self::CLASS, noise, original);
+        let n = self.timesteps.len();
+        let i = index_for_timestep(&self.timesteps, t).unwrap_or(n.saturating_sub(1));
+        let (a, s) = Self::alpha_sigma(self.sigmas[i]);
+        original
+            .iter()
+            .zip(noise)
+            .map(|(x, e)| a * x + s * e)
+            .collect()
+    }
+
     /// `DPMSolverMultistepScheduler.step`, in float32 as torch computes it.
     pub fn step(&mut self, model_output: &[f32], t: f64, sample: &[f32]) -> Vec<f32> {
         assert!(

@@ -117,6 +117,17 @@ impl EulerDiscrete {
         })
     }
 
+    /// `add_noise`: `original + sigma_t·noise` (image-to-image's start).
+    pub fn add_noise(&self, original: &[f32], noise: &[f32], t: f64) -> Vec<f32> {
+        check_len(Self::CLASS, noise, original);
+        let sigma = self.sigmas[self.index(t)];
+        original
+            .iter()
+            .zip(noise)
+            .map(|(x, n)| x + sigma * n)
+            .collect()
+    }
+
     /// `sample / sqrt(sigma² + 1)` for the current step's sigma.
     pub fn scale_model_input(&self, sample: &[f32], t: f64) -> Vec<f32> {
         let sigma = self.sigmas[self.index(t)];

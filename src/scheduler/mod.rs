@@ -304,6 +304,18 @@ impl Common {
         self.alphas_cumprod[i]
     }
 
+    /// `sqrt(ᾱ_t)·original + sqrt(1 − ᾱ_t)·noise` (DDPM-family `add_noise`), in float32.
+    pub fn add_noise_vp(&self, class: &str, original: &[f32], noise: &[f32], t: f64) -> Vec<f32> {
+        check_len(class, noise, original);
+        let a = self.alpha_prod(integral(class, t));
+        let (s, r) = (a.sqrt(), (1.0 - a).sqrt());
+        original
+            .iter()
+            .zip(noise)
+            .map(|(x, n)| s * x + r * n)
+            .collect()
+    }
+
     /// The training sigmas `((1 - alphas_cumprod) / alphas_cumprod) ** 0.5`, in float32.
     pub fn train_sigmas(&self) -> Vec<f32> {
         self.alphas_cumprod
@@ -793,6 +805,19 @@ impl Scheduler {
             Self::Pndm(s) => s.step(model_output, t, sample),
             Self::Euler(s) => s.step(model_output, t, sample),
             Self::DpmSolverMultistep(s) => s.step(model_output, t, sample),
+        }
+    }
+
+    /// `original` noised to timestep `t` of the schedule: where image-to-image starts.
+    ///
+    /// # Panics
+    /// When the lengths differ or `t` is not in the schedule.
+    pub fn add_noise(&self, original: &[f32], noise: &[f32], t: f64) -> Vec<f32> {
+        match self {
+            Self::Ddim(s) => s.add_noise(original, noise, t),
+            Self::Pndm(s) => s.add_noise(original, noise, t),
+            Self::Euler(s) => s.add_noise(original, noise, t),
+            Self::DpmSolverMultistep(s) => s.add_noise(original, noise, t),
         }
     }
 

@@ -99,6 +99,12 @@ impl Pndm {
         Ok(())
     }
 
+    /// `add_noise`: `original` noised to timestep `t` (image-to-image's start).
+    pub fn add_noise(&self, original: &[f32], noise: &[f32], t: f64) -> Vec<f32> {
+        self.common.add_noise_vp(Self::CLASS, original, noise, t)
+    }
+
+    /// The timesteps of the schedule.
     pub fn timesteps(&self) -> &[f64] {
         &self.timesteps
     }
