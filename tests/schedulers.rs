@@ -302,3 +302,40 @@ fn timestep_spacings_follow_diffusers() {
     assert_eq!(s.timesteps()[0], 901.0);
     assert!(s.init_noise_sigma() > 1.0);
 }
+
+/// `add_noise` (image to image's start) agrees across the four schedulers: DDIM and PNDM noise
+/// with `sqrt(ᾱ)·x + sqrt(1 − ᾱ)·n`, DPM-Solver++ with `α_σ·x + σ·α_σ·n`, Euler with `x + σ·n`
+/// (which `scale_model_input` divides by `sqrt(σ² + 1)`): the same point for the same timestep.
+#[test]
+fn add_noise_agrees_across_schedulers() {
+    let x: Vec<f32> = (0..64)
+        .map(|i| ((i * 37 % 17) as f32 - 8.0) / 8.0)
+        .collect();
+    let n: Vec<f32> = (0..64)
+        .map(|i| ((i * 11 % 13) as f32 - 6.0) / 3.0)
+        .collect();
+    // Trailing spacing gives all four the same integral timesteps (999, 899, ...).
+    let make = |name: &str| {
+        let trailing = with(sd_fields(), "timestep_spacing", json!("trailing"));
+        let mut s = Scheduler::from_name(name, &config(trailing)).unwrap();
+        s.set_timesteps(10).unwrap();
+        s
+    };
+    let ddim = make("ddim");
+    for &t in ddim.timesteps() {
+        let want = ddim.add_noise(&x, &n, t);
+        assert!(max_abs(&want, &x) > 1e-3, "t={t}: no noise added");
+        for name in ["pndm", "dpmpp2m", "euler"] {
+            let s = make(name);
+            assert!(
+                s.timesteps().contains(&t),
+                "{name}: {t} not in its schedule"
+            );
+            let noised = s.add_noise(&x, &n, t);
+            // Euler's sample lives at scale sqrt(σ² + 1); its model input is the same point.
+            let noised = s.scale_model_input(&noised, t);
+            let e = max_abs(&noised, &want);
+            assert!(e < 1e-5, "{name} t={t}: {e}");
+        }
+    }
+}

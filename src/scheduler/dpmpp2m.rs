@@ -165,8 +165,12 @@ impl DpmSolverMultistep {
     /// (image-to-image's start).
     pub fn add_noise(&self, original: &[f32], noise: &[f32], t: f64) -> Vec<f32> {
         check_len(Self::CLASS, noise, original);
-        let n = self.timesteps.len();
-        let i = index_for_timestep(&self.timesteps, t).unwrap_or(n.saturating_sub(1));
+        let i = index_for_timestep(&self.timesteps, t).unwrap_or_else(|| {
+            panic!(
+                "{}: timestep {t} is not in the schedule; pass a value from timesteps() after set_timesteps",
+                Self::CLASS
+            )
+        });
         let (a, s) = Self::alpha_sigma(self.sigmas[i]);
         original
             .iter()
