@@ -115,9 +115,9 @@ pub struct UNetConfig {
     pub attention_head_dim: Option<PerBlock>,
     #[serde(default)]
     pub num_attention_heads: Option<PerBlock>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_is_false")]
     pub dual_cross_attention: bool,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_is_false")]
     pub use_linear_projection: bool,
     #[serde(default)]
     pub class_embed_type: Option<String>,
@@ -127,11 +127,11 @@ pub struct UNetConfig {
     pub addition_time_embed_dim: Option<usize>,
     #[serde(default)]
     pub num_class_embeds: Option<usize>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_is_false")]
     pub upcast_attention: bool,
     #[serde(default = "d_shift")]
     pub resnet_time_scale_shift: String,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_is_false")]
     pub resnet_skip_time_act: bool,
     #[serde(default = "d_one_f")]
     pub resnet_out_scale_factor: f64,
@@ -153,7 +153,7 @@ pub struct UNetConfig {
     pub projection_class_embeddings_input_dim: Option<usize>,
     #[serde(default = "d_default")]
     pub attention_type: String,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_is_false")]
     pub class_embeddings_concat: bool,
     #[serde(default)]
     pub mid_block_only_cross_attention: Option<bool>,
@@ -161,6 +161,12 @@ pub struct UNetConfig {
     pub cross_attention_norm: Option<String>,
     #[serde(default)]
     pub sample_size: Option<serde_json::Value>,
+}
+
+/// A boolean field that published configs may write as `null` (SDXL base's
+/// `"upcast_attention": null`): diffusers reads `null` as its default, false.
+fn null_is_false<'de, D: serde::Deserializer<'de>>(d: D) -> Result<bool, D::Error> {
+    Ok(<Option<bool> as serde::Deserialize>::deserialize(d)?.unwrap_or(false))
 }
 
 fn d_in_channels() -> usize {

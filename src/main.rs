@@ -445,8 +445,26 @@ struct RunArgs {
     /// A prompt; repeat for several (they run as one batch).
     #[arg(long, required = true)]
     prompt: Vec<String>,
-    #[arg(long, default_value = "")]
-    negative: String,
+    /// The negative prompt (default: none; an SDXL pipeline with force_zeros_for_empty_prompt
+    /// then uses zero embeddings, others encode "").
+    #[arg(long)]
+    negative: Option<String>,
+    /// SDXL: the prompt for the second text encoder (default: --prompt); once for every
+    /// prompt, or once per --prompt.
+    #[arg(long = "prompt-2")]
+    prompt_2: Vec<String>,
+    /// SDXL: the negative prompt for the second text encoder (default: --negative).
+    #[arg(long = "negative-2")]
+    negative_2: Option<String>,
+    /// SDXL size conditioning: the original image size WxH (default: the output size).
+    #[arg(long = "original-size")]
+    original_size: Option<String>,
+    /// SDXL size conditioning: the crop's top-left corner TOP,LEFT in pixels (default: 0,0).
+    #[arg(long = "crop-top-left")]
+    crop_top_left: Option<String>,
+    /// SDXL size conditioning: the target size WxH (default: the output size).
+    #[arg(long = "target-size")]
+    target_size: Option<String>,
     /// Apply a recipe (compiled for this run's shapes, steps and last prompt).
     #[arg(long, conflicts_with = "plan")]
     recipe: Option<PathBuf>,
@@ -519,6 +537,24 @@ fn read_latents(path: &Path) -> Result<HostTensor> {
     Ok(HostTensor::new(shape, data))
 }
 
+/// A `WxH` argument as (width, height).
+fn parse_wxh(flag: &str, s: &str) -> Result<(usize, usize)> {
+    parse_pair(flag, s, 'x', "WxH, e.g. 512x512")
+}
+
+/// Two whole numbers separated by `sep` (`x` also accepts `X`).
+fn parse_pair(flag: &str, s: &str, sep: char, expected: &str) -> Result<(usize, usize)> {
+    let (a, b) = s
+        .split_once(|c: char| c == sep || (sep == 'x' && c == 'X'))
+        .with_context(|| format!("{flag} {s}: expected {expected}"))?;
+    let num = |v: &str| {
+        v.trim().parse::<usize>().with_context(|| {
+            format!("{flag} {s}: {v:?} is not a whole number (expected {expected})")
+        })
+    };
+    Ok((num(a)?, num(b)?))
+}
+
 fn sibling(out: &Path, suffix: &str, ext: &str) -> PathBuf {
     let stem = out
         .file_stem()
@@ -541,25 +577,32 @@ fn run_job(a: RunArgs) -> Result<()> {
         );
     }
     let pipe = Pipeline::open(&a.model, &device)?;
-    let size = match &a.size {
-        Some(s) => {
-            let (w, h) = s
-                .split_once(['x', 'X'])
-                .with_context(|| format!("--size {s}: expected WxH, e.g. 512x512"))?;
-            Some((
-                w.trim()
-                    .parse()
-                    .with_context(|| format!("--size {s}: bad width"))?,
-                h.trim()
-                    .parse()
-                    .with_context(|| format!("--size {s}: bad height"))?,
-            ))
-        }
-        None => None,
-    };
+    let size = a
+        .size
+        .as_deref()
+        .map(|s| parse_wxh("--size", s))
+        .transpose()?;
     let opts = RunOptions {
         prompts: a.prompt.clone(),
         negative: a.negative.clone(),
+        sdxl: rewire::pipeline::SdxlOptions {
+            prompts_2: a.prompt_2.clone(),
+            negative_2: a.negative_2.clone(),
+            original_size: a
+                .original_size
+                .as_deref()
+                .map(|s| parse_wxh("--original-size", s))
+                .transpose()?,
+            crop_top_left: match a.crop_top_left.as_deref() {
+                Some(s) => parse_pair("--crop-top-left", s, ',', "TOP,LEFT, e.g. 0,0")?,
+                None => (0, 0),
+            },
+            target_size: a
+                .target_size
+                .as_deref()
+                .map(|s| parse_wxh("--target-size", s))
+                .transpose()?,
+        },
         steps: a.steps,
         guidance: a.guidance,
         scheduler: a.scheduler.clone(),
@@ -570,6 +613,9 @@ fn run_job(a: RunArgs) -> Result<()> {
         init_image: a.image.as_deref().map(read_image).transpose()?,
         strength: a.strength,
     };
+    for w in pipe.truncations(&opts) {
+        eprintln!("warning: {w}");
+    }
     let bar = indicatif::ProgressBar::new(a.steps as u64);
     bar.set_style(
         indicatif::ProgressStyle::with_template(

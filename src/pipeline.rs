@@ -3,9 +3,14 @@
 //! → VAE decode. Several prompts run as one batch, in diffusers' order
 //! `[uncond_0..uncond_P, cond_0..cond_P]`.
 //!
+//! An SDXL pipeline (model_index.json names `text_encoder_2`/`tokenizer_2`) conditions on both
+//! encoders: each encoder's `hidden_states[-2]` concatenated on the feature axis, the second
+//! encoder's pooled, projected embedding as `text_embeds`, and `time_ids` (original size, crop
+//! corner, target size) for the UNet's `text_time` embedding; see [`SdxlOptions`].
+//!
 //! Try it: `rewire run models/tiny-sd --prompt "a photo of a cat" --steps 5 -o cat.png`.
 
-use crate::clip::text_encoder::TextEncoder;
+use crate::clip::text_encoder::{TextEncoder, TextOutput};
 use crate::clip::tokenizer::Tokenizer;
 use crate::compile::store::StoreAccumulator;
 use crate::compile::{CompileOptions, Compiled};
@@ -77,6 +82,26 @@ pub enum PipelineError {
     NoSteps { strength: f32, steps: usize },
     #[error("give at least one --prompt")]
     NoPrompt,
+    #[error(
+        "{count} second prompts for {prompts} prompts\n  hint: give --prompt-2 once (it applies to every prompt) or once per --prompt"
+    )]
+    Prompts2 { count: usize, prompts: usize },
+    #[error(
+        "{path}: the UNet takes SDXL's text_time conditioning (addition_embed_type \"text_time\") but the pipeline has no text_encoder_2/ and tokenizer_2/\n  hint: pass a StableDiffusionXLPipeline folder with both text encoders"
+    )]
+    NoSecondEncoder { path: PathBuf },
+    #[error(
+        "{what}: the UNet expects {expected} features, the text encoders give {found}\n  hint: the text encoders do not belong to this UNet (check `cross_attention_dim` and `projection_class_embeddings_input_dim` in unet/config.json)"
+    )]
+    Conditioning {
+        what: &'static str,
+        expected: usize,
+        found: usize,
+    },
+    #[error(
+        "{option} is for SDXL pipelines (with text_encoder_2/); {path} has one text encoder\n  hint: leave out --prompt-2, --negative-2, --original-size, --crop-top-left and --target-size"
+    )]
+    NotSdxl { option: &'static str, path: PathBuf },
     #[error(transparent)]
     Compile(#[from] crate::compile::CompileError),
     #[error(transparent)]
@@ -98,16 +123,77 @@ pub struct Pipeline {
     pub unet: UNet,
     pub tokenizer: Tokenizer,
     pub text: TextEncoder,
+    /// SDXL's second tokenizer and text encoder (`tokenizer_2/`, `text_encoder_2/`).
+    pub second: Option<SecondEncoder>,
     pub vae: Vae,
     pub scheduler: SchedulerConfig,
     pub device: Device,
+}
+
+/// SDXL's second text encoder (`CLIPTextModelWithProjection`) with its tokenizer.
+pub struct SecondEncoder {
+    pub tokenizer: Tokenizer,
+    pub text: TextEncoder,
+    /// model_index.json's `force_zeros_for_empty_prompt` (diffusers' default: true): with no
+    /// negative prompt, the unconditional embeddings are zeros instead of the encoded "".
+    pub force_zeros_for_empty_prompt: bool,
+}
+
+/// SDXL's conditioning options (diffusers' `StableDiffusionXLPipeline.__call__` arguments);
+/// ignored by a pipeline with one text encoder only when left at their defaults.
+#[derive(Debug, Clone, Default)]
+pub struct SdxlOptions {
+    /// `prompt_2` for the second encoder: none (each prompt), one (for every prompt) or one per
+    /// prompt.
+    pub prompts_2: Vec<String>,
+    /// `negative_prompt_2` (default: the negative prompt).
+    pub negative_2: Option<String>,
+    /// `original_size` as (width, height) (default: the output size).
+    pub original_size: Option<(usize, usize)>,
+    /// `crops_coords_top_left` as (top, left), in pixels.
+    pub crop_top_left: (usize, usize),
+    /// `target_size` as (width, height) (default: the output size).
+    pub target_size: Option<(usize, usize)>,
+}
+
+impl SdxlOptions {
+    /// The first option set away from its default, by its flag.
+    fn first_set(&self) -> Option<&'static str> {
+        if !self.prompts_2.is_empty() {
+            Some("--prompt-2")
+        } else if self.negative_2.is_some() {
+            Some("--negative-2")
+        } else if self.original_size.is_some() {
+            Some("--original-size")
+        } else if self.crop_top_left != (0, 0) {
+            Some("--crop-top-left")
+        } else if self.target_size.is_some() {
+            Some("--target-size")
+        } else {
+            None
+        }
+    }
+}
+
+/// The UNet's text conditioning for a run, batch `[negatives, prompts]`.
+#[derive(Debug, Clone)]
+pub struct Conditioning {
+    /// `encoder_hidden_states` `[batch, text_len, cross_attention_dim]`.
+    pub encoder_hidden_states: HostTensor,
+    /// SDXL: `text_embeds` `[batch, pooled]` and `time_ids` `[batch, 6]`.
+    pub text_time: Option<(HostTensor, HostTensor)>,
 }
 
 /// What to generate.
 #[derive(Debug, Clone)]
 pub struct RunOptions {
     pub prompts: Vec<String>,
-    pub negative: String,
+    /// The negative prompt (diffusers' `negative_prompt`); `None` encodes "", except on an SDXL
+    /// pipeline with `force_zeros_for_empty_prompt`, where the unconditional embeddings are
+    /// zeros.
+    pub negative: Option<String>,
+    /// SDXL's second prompts and size conditioning.
+    pub sdxl: SdxlOptions,
     pub steps: usize,
     pub guidance: f32,
     /// A scheduler other than the pipeline's (`ddim`, `pndm`, `euler`, `dpmpp2m`).
@@ -131,7 +217,8 @@ impl Default for RunOptions {
     fn default() -> Self {
         RunOptions {
             prompts: vec![],
-            negative: String::new(),
+            negative: None,
+            sdxl: SdxlOptions::default(),
             steps: 20,
             guidance: 7.5,
             scheduler: None,
@@ -159,7 +246,8 @@ pub struct RunOutput {
 }
 
 impl Pipeline {
-    /// Opens every component of a pipeline folder on `device`.
+    /// Opens every component of a pipeline folder on `device` (with `text_encoder_2/` and
+    /// `tokenizer_2/` when the folder has them: an SDXL pipeline).
     pub fn open(dir: &Path, device: &Device) -> Result<Pipeline, PipelineError> {
         for c in ["unet", "text_encoder", "tokenizer", "vae", "scheduler"] {
             if !dir.join(c).is_dir() {
@@ -169,16 +257,269 @@ impl Pipeline {
                 });
             }
         }
-        Ok(Pipeline {
+        let index = model_index(dir)?;
+        let named = |c: &str| {
+            index
+                .as_ref()
+                .and_then(|i| i.get(c))
+                .is_some_and(|v| v.as_array().is_some_and(|a| a.iter().any(|x| !x.is_null())))
+        };
+        let has_second =
+            named("text_encoder_2") || dir.join("text_encoder_2").join("config.json").is_file();
+        let unet = UNet::open(&dir.join("unet"))?;
+        let text_time = unet.resolved.text_time.is_some();
+        let second = if has_second {
+            for c in ["text_encoder_2", "tokenizer_2"] {
+                if !dir.join(c).is_dir() {
+                    return Err(PipelineError::MissingComponent {
+                        path: dir.to_path_buf(),
+                        component: c,
+                    });
+                }
+            }
+            Some(SecondEncoder {
+                tokenizer: Tokenizer::open(&dir.join("tokenizer_2"))
+                    .map_err(component("tokenizer_2"))?,
+                text: TextEncoder::open(&dir.join("text_encoder_2"), device)
+                    .map_err(component("text_encoder_2"))?,
+                force_zeros_for_empty_prompt: index
+                    .as_ref()
+                    .and_then(|i| i.get("force_zeros_for_empty_prompt"))
+                    .and_then(|v| v.as_bool())
+                    .unwrap_or(true),
+            })
+        } else if text_time {
+            return Err(PipelineError::NoSecondEncoder {
+                path: dir.to_path_buf(),
+            });
+        } else {
+            None
+        };
+        let pipe = Pipeline {
             dir: dir.to_path_buf(),
-            unet: UNet::open(&dir.join("unet"))?,
+            unet,
             tokenizer: Tokenizer::open(&dir.join("tokenizer")).map_err(component("tokenizer"))?,
             text: TextEncoder::open(&dir.join("text_encoder"), device)
                 .map_err(component("text_encoder"))?,
+            second,
             vae: Vae::open(&dir.join("vae"), device).map_err(component("vae"))?,
             scheduler: SchedulerConfig::open(&dir.join("scheduler"))
                 .map_err(component("scheduler"))?,
             device: device.clone(),
+        };
+        pipe.check_text()?;
+        Ok(pipe)
+    }
+
+    /// Checks that the tokenizers fit their text encoders and the encoders the UNet: token
+    /// counts within `max_position_embeddings`, equal text lengths, feature widths.
+    fn check_text(&self) -> Result<(), PipelineError> {
+        let mut pairs = vec![("tokenizer", &self.tokenizer, &self.text)];
+        if let Some(s) = &self.second {
+            pairs.push(("tokenizer_2", &s.tokenizer, &s.text));
+        }
+        for (name, tok, text) in &pairs {
+            let max = text.config.max_position_embeddings;
+            if tok.max_length() > max {
+                return Err(PipelineError::Component {
+                    component: name,
+                    message: format!(
+                        "{}: `model_max_length` = {} is more than the text encoder's max_position_embeddings = {max}\n  hint: set model_max_length to {max} in tokenizer_config.json",
+                        tok.dir().join("tokenizer_config.json").display(),
+                        tok.max_length()
+                    ),
+                });
+            }
+        }
+        if let Some(s) = &self.second {
+            if s.tokenizer.max_length() != self.tokenizer.max_length() {
+                return Err(PipelineError::Component {
+                    component: "tokenizer_2",
+                    message: format!(
+                        "pads to {} tokens, tokenizer/ to {}: the two encoders' states are concatenated token by token\n  hint: give both tokenizers the same model_max_length",
+                        s.tokenizer.max_length(),
+                        self.tokenizer.max_length()
+                    ),
+                });
+            }
+            if !s.text.has_projection() {
+                return Err(PipelineError::Component {
+                    component: "text_encoder_2",
+                    message: "no text_projection: SDXL's second encoder is a CLIPTextModelWithProjection (its pooled, projected output conditions the UNet)\n  hint: use the pipeline's own text_encoder_2".into(),
+                });
+            }
+        }
+        let found = self.text.config.hidden_size
+            + self
+                .second
+                .as_ref()
+                .map_or(0, |s| s.text.config.hidden_size);
+        let expected = self.unet.resolved.context_dim;
+        if expected != found {
+            return Err(PipelineError::Conditioning {
+                what: "encoder_hidden_states",
+                expected,
+                found,
+            });
+        }
+        Ok(())
+    }
+
+    /// Prompts longer than their text encoder reads, as warnings to print: which prompt, its
+    /// token count, the limit and the words cut off (diffusers truncates them the same way).
+    pub fn truncations(&self, opts: &RunOptions) -> Vec<String> {
+        let mut texts: Vec<(&str, &Tokenizer, &str)> = Vec::new();
+        for p in &opts.prompts {
+            texts.push(("prompt", &self.tokenizer, p));
+        }
+        if let Some(n) = &opts.negative {
+            texts.push(("negative prompt", &self.tokenizer, n));
+        }
+        if let Some(second) = &self.second {
+            for p in &opts.sdxl.prompts_2 {
+                texts.push(("second prompt", &second.tokenizer, p));
+            }
+            if let Some(n) = &opts.sdxl.negative_2 {
+                texts.push(("second negative prompt", &second.tokenizer, n));
+            }
+        }
+        texts
+            .into_iter()
+            .filter_map(|(what, tok, text)| {
+                let (n, cut) = tok.truncation(text)?;
+                let mut shown: String = cut.chars().take(60).collect();
+                if shown.len() < cut.len() {
+                    shown.push('…');
+                }
+                Some(format!(
+                    "the {what} has {n} tokens, the text encoder reads {}: cut off: {shown:?}",
+                    tok.max_length()
+                ))
+            })
+            .collect()
+    }
+
+    /// The prompts for the second encoder, one per prompt (diffusers: `prompt_2 or prompt`).
+    fn prompts_2(&self, opts: &RunOptions) -> Result<Vec<String>, PipelineError> {
+        let p2 = &opts.sdxl.prompts_2;
+        match p2.len() {
+            0 => Ok(opts.prompts.clone()),
+            1 => Ok(vec![p2[0].clone(); opts.prompts.len()]),
+            n if n == opts.prompts.len() => Ok(p2.clone()),
+            n => Err(PipelineError::Prompts2 {
+                count: n,
+                prompts: opts.prompts.len(),
+            }),
+        }
+    }
+
+    /// Encodes the run's text as the UNet's conditioning, batch `[negative × P, prompts]`
+    /// (only the prompts without guidance). SD 1.x/2.x: the encoder's `last_hidden_state`.
+    /// SDXL (as diffusers' `encode_prompt`): both encoders' `hidden_states[-2]` concatenated,
+    /// the second's pooled `text_embeds`, and the size conditioning as `time_ids`; with no
+    /// negative prompt and `force_zeros_for_empty_prompt`, zeros for the negatives.
+    pub fn conditioning(
+        &self,
+        opts: &RunOptions,
+        size: (usize, usize),
+    ) -> Result<Conditioning, PipelineError> {
+        let p = opts.prompts.len();
+        if p == 0 {
+            return Err(PipelineError::NoPrompt);
+        }
+        let cfg = opts.guidance > 1.0;
+        let Some(second) = &self.second else {
+            if let Some(option) = opts.sdxl.first_set() {
+                return Err(PipelineError::NotSdxl {
+                    option,
+                    path: self.dir.clone(),
+                });
+            }
+            let mut ids: Vec<Vec<u32>> = Vec::new();
+            if cfg {
+                let neg = self
+                    .tokenizer
+                    .encode(opts.negative.as_deref().unwrap_or(""));
+                ids.extend(std::iter::repeat_n(neg, p));
+            }
+            for prompt in &opts.prompts {
+                ids.push(self.tokenizer.encode(prompt));
+            }
+            let out = self
+                .text
+                .try_encode(&ids)
+                .map_err(component("text_encoder"))?;
+            return Ok(Conditioning {
+                encoder_hidden_states: Value::R3(out).to_host(),
+                text_time: None,
+            });
+        };
+        let prompts_2 = self.prompts_2(opts)?;
+        let encode = |first: &[&str], second_p: &[&str]| -> Result<_, PipelineError> {
+            let ids1: Vec<Vec<u32>> = first.iter().map(|t| self.tokenizer.encode(t)).collect();
+            let ids2: Vec<Vec<u32>> = second_p
+                .iter()
+                .map(|t| second.tokenizer.encode(t))
+                .collect();
+            let a: TextOutput = self
+                .text
+                .encode_all(&ids1)
+                .map_err(component("text_encoder"))?;
+            let b: TextOutput = second
+                .text
+                .encode_all(&ids2)
+                .map_err(component("text_encoder_2"))?;
+            let states = burn::tensor::Tensor::cat(vec![a.penultimate, b.penultimate], 2);
+            let pooled = b
+                .pooled
+                .expect("checked at open: text_encoder_2 has a projection");
+            Ok((Value::R3(states).to_host(), Value::R2(pooled).to_host()))
+        };
+        let prompts: Vec<&str> = opts.prompts.iter().map(String::as_str).collect();
+        let prompts_2: Vec<&str> = prompts_2.iter().map(String::as_str).collect();
+        let (mut states, mut pooled) = encode(&prompts, &prompts_2)?;
+        if cfg {
+            let (neg_states, neg_pooled) =
+                if opts.negative.is_none() && second.force_zeros_for_empty_prompt {
+                    (
+                        HostTensor::new(states.shape.clone(), vec![0.0; states.data.len()]),
+                        HostTensor::new(pooled.shape.clone(), vec![0.0; pooled.data.len()]),
+                    )
+                } else {
+                    // diffusers: negative_prompt or "", negative_prompt_2 or negative_prompt.
+                    let neg = opts.negative.as_deref().unwrap_or("");
+                    let neg_2 = match opts.sdxl.negative_2.as_deref() {
+                        Some(n) if !n.is_empty() => n,
+                        _ => neg,
+                    };
+                    encode(&vec![neg; p], &vec![neg_2; p])?
+                };
+            states = concat0(&neg_states, &states);
+            pooled = concat0(&neg_pooled, &pooled);
+        }
+        let (w, h) = size;
+        let (ow, oh) = opts.sdxl.original_size.unwrap_or((w, h));
+        let (tw, th) = opts.sdxl.target_size.unwrap_or((w, h));
+        let (top, left) = opts.sdxl.crop_top_left;
+        let row = [oh, ow, top, left, th, tw].map(|v| v as f32);
+        let batch = pooled.shape[0];
+        let time_ids = HostTensor::new(vec![batch, 6], row.repeat(batch));
+        let expected = self.unet.resolved.text_time.as_ref().map(|tt| {
+            tt.input_dim
+                .saturating_sub(time_ids.shape[1] * tt.time_embed_dim)
+        });
+        if let Some(expected) = expected
+            && expected != pooled.shape[1]
+        {
+            return Err(PipelineError::Conditioning {
+                what: "text_embeds (text_encoder_2's projection_dim)",
+                expected,
+                found: pooled.shape[1],
+            });
+        }
+        Ok(Conditioning {
+            encoder_hidden_states: states,
+            text_time: Some((pooled, time_ids)),
         })
     }
 
@@ -282,10 +623,15 @@ impl Pipeline {
     pub fn compile(&self, opts: &RunOptions, src: &Source) -> Result<Compiled, PipelineError> {
         let base = self.unet.graph(self.unet_spec(opts)?)?;
         let last = opts.prompts.last().ok_or(PipelineError::NoPrompt)?;
+        let words = self.tokenizer.word_positions(last);
+        if let Some(second) = &self.second {
+            let last_2 = self.prompts_2(opts)?.pop().unwrap_or_default();
+            check_words_2(src, &words, &second.tokenizer.word_positions(&last_2))?;
+        }
         let copts = CompileOptions {
             fuse: opts.fuse,
             steps: Some(self.schedule(opts)?.1.len()),
-            words: Some(self.tokenizer.word_positions(last)),
+            words: Some(words),
             require_bound_words: true,
             frames: None,
             references: Some(vec![]),
@@ -324,15 +670,8 @@ impl Pipeline {
         let channels = self.unet.resolved.in_channels;
 
         // Text: [negative × P, prompts] (diffusers' order), encoded at once.
-        let mut ids: Vec<Vec<u32>> = Vec::new();
-        if cfg {
-            let neg = self.tokenizer.encode(&opts.negative);
-            ids.extend(std::iter::repeat_n(neg, p));
-        }
-        for prompt in &opts.prompts {
-            ids.push(self.tokenizer.encode(prompt));
-        }
-        let ehs = Value::R3(self.text.encode(&ids)).to_host();
+        let f = self.vae.downsample_factor();
+        let cond = self.conditioning(opts, (lw * f, lh * f))?;
 
         if let Some(c) = compiled {
             if c.spec != spec {
@@ -431,7 +770,14 @@ impl Pipeline {
                 "timestep".to_string(),
                 HostTensor::new(vec![1], vec![t as f32]),
             );
-            inputs.insert("encoder_hidden_states".to_string(), ehs.clone());
+            inputs.insert(
+                "encoder_hidden_states".to_string(),
+                cond.encoder_hidden_states.clone(),
+            );
+            if let Some((text_embeds, time_ids)) = &cond.text_time {
+                inputs.insert("text_embeds".to_string(), text_embeds.clone());
+                inputs.insert("time_ids".to_string(), time_ids.clone());
+            }
             let out = plan_for(i).run_host(&inputs)?;
             stores.add(&out);
             let eps = &out["out"].data;
@@ -490,6 +836,85 @@ impl Pipeline {
             tokens,
         })
     }
+}
+
+/// SDXL: a recipe's words bind to the first tokenizer's tokens of the last prompt; the UNet's
+/// text states at those positions also hold the second encoder's states of the last
+/// `prompt_2`, so a word must sit at the same positions there (it does when both prompts are
+/// the same and the tokenizers share a vocabulary, as SDXL's do).
+fn check_words_2(
+    src: &Source,
+    first: &HashMap<String, Vec<usize>>,
+    second: &HashMap<String, Vec<usize>>,
+) -> Result<(), PipelineError> {
+    use crate::recipe::spans::Seg;
+    use crate::recipe::{RewriteOp, at};
+    for (i, r) in src.recipe.rewrites.iter().enumerate() {
+        let RewriteOp::Reweight { words, .. } = &r.op else {
+            continue;
+        };
+        for word in words.keys() {
+            let (Some(a), b) = (first.get(word), second.get(word)) else {
+                continue; // not in the prompt: the compiler says so
+            };
+            if b != Some(a) {
+                let path = at(
+                    i,
+                    &[
+                        Seg::Field("op"),
+                        Seg::Field("words"),
+                        Seg::Key(word.clone()),
+                    ],
+                );
+                let found = match b {
+                    Some(b) => format!("at token positions {b:?}"),
+                    None => "nowhere".into(),
+                };
+                return Err(crate::compile::CompileError::from(src.error(
+                    &path,
+                    "word-tokenizers",
+                    format!(
+                        "word \"{word}\" is at token positions {a:?} for the first tokenizer and {found} in the second prompt (tokenizer_2)"
+                    ),
+                    "words bind to the first tokenizer's tokens, and the UNet's text states at those positions also hold text_encoder_2's states: give --prompt-2 the word at the same place (or leave --prompt-2 out), or reweight by tokens: {POSITION: WEIGHT}",
+                ))
+                .into());
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Two host tensors joined on the first axis.
+fn concat0(a: &HostTensor, b: &HostTensor) -> HostTensor {
+    let mut shape = a.shape.clone();
+    shape[0] += b.shape[0];
+    let mut data = a.data.clone();
+    data.extend_from_slice(&b.data);
+    HostTensor::new(shape, data)
+}
+
+/// Reads a pipeline's `model_index.json`, if it has one.
+fn model_index(dir: &Path) -> Result<Option<serde_json::Value>, PipelineError> {
+    let path = dir.join("model_index.json");
+    if !path.is_file() {
+        return Ok(None);
+    }
+    let text = std::fs::read_to_string(&path).map_err(|e| PipelineError::Component {
+        component: "model_index.json",
+        message: format!("{}: {e}", path.display()),
+    })?;
+    serde_json::from_str(&text)
+        .map(Some)
+        .map_err(|e| PipelineError::Component {
+            component: "model_index.json",
+            message: format!(
+                "{}: invalid JSON at line {}, column {}: {e}",
+                path.display(),
+                e.line(),
+                e.column()
+            ),
+        })
 }
 
 /// An `[H, W, 3]` image in [0, 1] as the VAE's `[1, 3, H, W]` input in [-1, 1].

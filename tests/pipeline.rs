@@ -18,7 +18,7 @@ fn pcase(name: &str) -> PathBuf {
 fn opts(scheduler: &str, latents: Option<HostTensor>) -> RunOptions {
     RunOptions {
         prompts: vec!["a photo of a cat".into()],
-        negative: String::new(),
+        negative: None,
         steps: 5,
         guidance: 7.5,
         scheduler: Some(scheduler.into()),

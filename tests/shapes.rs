@@ -25,7 +25,7 @@ fn scase(name: &str) -> PathBuf {
 fn case_opts(prompts: &[&str], latents: HostTensor) -> RunOptions {
     RunOptions {
         prompts: prompts.iter().map(|p| p.to_string()).collect(),
-        negative: String::new(),
+        negative: None,
         steps: 20,
         guidance: 5.0,
         scheduler: None,

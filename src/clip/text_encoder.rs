@@ -113,6 +113,16 @@ pub struct TextEncoderConfig {
     pub hidden_act: String,
     #[serde(default = "d_eps")]
     pub layer_norm_eps: f64,
+    /// Width of `text_projection` (`CLIPTextModelWithProjection`, SDXL's second encoder).
+    #[serde(default)]
+    pub projection_dim: Option<usize>,
+    /// The end token the pooled output is read at (transformers: the first position holding
+    /// it; with the legacy value 2, the position of the largest id).
+    #[serde(default)]
+    pub eos_token_id: Option<i64>,
+    /// `["CLIPTextModel"]` or `["CLIPTextModelWithProjection"]`.
+    #[serde(default)]
+    pub architectures: Option<Vec<String>>,
 }
 
 fn d_vocab() -> usize {
@@ -205,6 +215,23 @@ impl TextEncoderConfig {
                     "hidden_size = {} is not divisible by num_attention_heads = {}",
                     self.hidden_size, self.num_attention_heads
                 ),
+            });
+        }
+        if let Some(e) = self.eos_token_id
+            && (e < 0 || e as u64 >= self.vocab_size as u64)
+        {
+            return Err(TextEncoderError::Invalid {
+                path: p(),
+                message: format!(
+                    "`eos_token_id` = {e} is not a token of the vocabulary (vocab_size = {})\n  hint: CLIP's end token is 49407",
+                    self.vocab_size
+                ),
+            });
+        }
+        if self.projection_dim == Some(0) {
+            return Err(TextEncoderError::Invalid {
+                path: p(),
+                message: "`projection_dim` is 0".into(),
             });
         }
         if !(self.layer_norm_eps.is_finite() && self.layer_norm_eps >= 0.0) {
@@ -348,6 +375,23 @@ pub struct TextEncoder {
     position_embedding: Tensor<2>,
     layers: Vec<LayerW>,
     final_norm: NormW,
+    /// `text_projection` transposed to `[hidden, projection_dim]` (no bias), when the model
+    /// is a `CLIPTextModelWithProjection`.
+    projection: Option<Tensor<2>>,
+}
+
+/// What [`TextEncoder::encode_all`] returns: the states a pipeline may condition on.
+#[derive(Debug, Clone)]
+pub struct TextOutput {
+    /// `last_hidden_state`: the last layer's output after `final_layer_norm`
+    /// (`[batch, seq, hidden]`; SD 1.x and 2.x condition on it).
+    pub last: Tensor<3>,
+    /// `hidden_states[-2]`: the output of the second-to-last layer, without the final norm
+    /// (the embedding output for a one-layer encoder; SDXL conditions on it).
+    pub penultimate: Tensor<3>,
+    /// `text_embeds`: `text_projection(last[eos position])`, `[batch, projection_dim]`, for an
+    /// encoder with a projection (SDXL's second encoder); `None` otherwise.
+    pub pooled: Option<Tensor<2>>,
 }
 
 impl TextEncoder {
@@ -414,7 +458,38 @@ impl TextEncoder {
                 })
             })
             .collect::<Result<Vec<_>, WeightError>>()?;
+        let extra = name(&format!(
+            "encoder.layers.{}.layer_norm1.weight",
+            config.num_hidden_layers
+        ));
+        if files.contains(&extra) {
+            return Err(TextEncoderError::Invalid {
+                path: dir.join("config.json"),
+                message: format!(
+                    "`num_hidden_layers` = {} but the weights hold more layers (`{extra}` exists)\n  hint: set num_hidden_layers to the number of encoder.layers.N in the weights",
+                    config.num_hidden_layers
+                ),
+            });
+        }
         let final_norm = NormW::load(files, &name("final_layer_norm"), h, dev)?;
+        let with_projection = config
+            .architectures
+            .iter()
+            .flatten()
+            .any(|a| a == "CLIPTextModelWithProjection");
+        let projection = if with_projection || files.contains("text_projection.weight") {
+            let p = config.projection_dim.unwrap_or(512);
+            let w = files.read_f32_shaped("text_projection.weight", &[p, h])?;
+            let mut t = vec![0f32; w.len()];
+            for r in 0..p {
+                for c in 0..h {
+                    t[c * p + r] = w[r * h + c];
+                }
+            }
+            Some(upload(&[h, p], t, dev))
+        } else {
+            None
+        };
         Ok(TextEncoder {
             dir,
             config,
@@ -424,6 +499,7 @@ impl TextEncoder {
             position_embedding,
             layers,
             final_norm,
+            projection,
         })
     }
 
@@ -445,6 +521,16 @@ impl TextEncoder {
 
     /// [`TextEncoder::encode`], with bad token ids as an error.
     pub fn try_encode(&self, ids: &[Vec<u32>]) -> Result<Tensor<3>, TextEncoderError> {
+        Ok(self.encode_all(ids)?.last)
+    }
+
+    /// Whether the encoder has a `text_projection` (gives [`TextOutput::pooled`]).
+    pub fn has_projection(&self) -> bool {
+        self.projection.is_some()
+    }
+
+    /// Checks a batch of token id sequences and flattens it.
+    fn check_ids(&self, ids: &[Vec<u32>]) -> Result<(usize, usize, Vec<i64>), TextEncoderError> {
         let cfg = &self.config;
         let first = ids.first().ok_or(TextEncoderError::Empty)?;
         let (b, s) = (ids.len(), first.len());
@@ -479,16 +565,52 @@ impl TextEncoder {
                 flat.push(id as i64);
             }
         }
-        let ids = Tensor::<2, Int>::from_data(TensorData::new(flat, [b, s]), &self.device);
+        Ok((b, s, flat))
+    }
+
+    /// The position each sequence's pooled output is read at, as transformers' `CLIPTextModel`
+    /// does: the first end token (`eos_token_id`), or with the legacy `eos_token_id` 2 (or
+    /// none in the config) the first position of the largest id.
+    fn pool_positions(&self, ids: &[Vec<u32>]) -> Vec<usize> {
+        let argmax = |seq: &[u32]| {
+            let mut best = 0;
+            for (i, &v) in seq.iter().enumerate() {
+                if v > seq[best] {
+                    best = i;
+                }
+            }
+            best
+        };
+        ids.iter()
+            .map(|seq| match self.config.eos_token_id {
+                Some(e) if e != 2 => seq.iter().position(|&v| v as i64 == e).unwrap_or(0),
+                _ => argmax(seq),
+            })
+            .collect()
+    }
+
+    /// Encodes a batch of equal-length token id sequences: `last_hidden_state`,
+    /// `hidden_states[-2]` and, with a projection, the pooled `text_embeds` (no padding mask:
+    /// pipelines pad and attend to the padding, as diffusers does).
+    pub fn encode_all(&self, ids: &[Vec<u32>]) -> Result<TextOutput, TextEncoderError> {
+        let cfg = &self.config;
+        let (b, s, flat) = self.check_ids(ids)?;
+        let pool_at = self.pool_positions(ids);
+        let ids_t = Tensor::<2, Int>::from_data(TensorData::new(flat, [b, s]), &self.device);
         let pos = self
             .position_embedding
             .clone()
             .narrow(0, 0, s)
             .unsqueeze_dim::<3>(0);
-        let mut x = embedding(self.token_embedding.clone(), ids) + pos;
+        let mut x = embedding(self.token_embedding.clone(), ids_t) + pos;
         let eps = cfg.layer_norm_eps;
         let heads = cfg.num_attention_heads;
-        for l in &self.layers {
+        let n = self.layers.len();
+        let mut penultimate = if n == 0 { Some(x.clone()) } else { None };
+        for (li, l) in self.layers.iter().enumerate() {
+            if li + 1 == n {
+                penultimate = Some(x.clone());
+            }
             let h = l.qkv.apply(l.norm1.apply(x.clone(), eps));
             let mut qkv = h.chunk(3, 2).into_iter().map(|t| split_heads(t, heads));
             let (q, k, v) = (
@@ -515,7 +637,26 @@ impl TextEncoder {
             };
             x = x + l.fc2.apply(h);
         }
-        Ok(self.final_norm.apply(x, eps))
+        // hidden_states[-2] of a one-layer encoder is the embedding output; of none, the
+        // embedding output too (there is no earlier state).
+        let penultimate = penultimate.unwrap_or_else(|| x.clone());
+        let last = self.final_norm.apply(x, eps);
+        let pooled = self.projection.as_ref().map(|w| {
+            let hidden = cfg.hidden_size;
+            let rows: Vec<i64> = pool_at
+                .iter()
+                .enumerate()
+                .map(|(i, &p)| (i * s + p) as i64)
+                .collect();
+            let rows = Tensor::<1, Int>::from_data(TensorData::new(rows, [b]), &self.device);
+            let picked = last.clone().reshape([b * s, hidden]).select(0, rows);
+            picked.matmul(w.clone())
+        });
+        Ok(TextOutput {
+            last,
+            penultimate,
+            pooled,
+        })
     }
 }
 

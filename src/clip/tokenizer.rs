@@ -402,6 +402,22 @@ impl Tokenizer {
         ids
     }
 
+    /// When the prompt has more tokens than the text encoder reads (bos and eos included):
+    /// its token count and the text that truncation cuts off.
+    pub fn truncation<'p>(&self, prompt: &'p str) -> Option<(usize, &'p str)> {
+        let content = self.content(prompt);
+        let keep = self.max_length.saturating_sub(2);
+        let n = content.len();
+        if n <= keep {
+            return None;
+        }
+        let start = content
+            .get_offsets()
+            .get(keep)
+            .map_or(prompt.len(), |o| o.0);
+        Some((n + 2, prompt.get(start..).unwrap_or("")))
+    }
+
     /// bos + the prompt's tokens + eos, neither truncated nor padded.
     pub fn encode_unpadded(&self, prompt: &str) -> Vec<u32> {
         let content = self.content(prompt);
