@@ -3,14 +3,16 @@
 //! classifier-free guidance: the batch-2 UNet forward with `text_embeds` and `time_ids`, the
 //! guidance combination and an Euler step, as `rewire run` does them. A step takes minutes on a
 //! small CPU, so it is timed by a plain loop (one step) and printed with the memory of holding
-//! the weights (resident memory after lowering) and the peak resident memory.
+//! the weights (resident memory after lowering) and the peak resident memory, once with the
+//! weights held in f32 and once in f16 (computed in f32 either way).
 //!
-//! Run: `cargo bench --bench sdxl` (about 12 GB of memory).
+//! Run: `cargo bench --bench sdxl` (about 12 GB of memory); `REWIRE_BENCH_WEIGHTS=f16` (or
+//! `f32`) runs one of the two.
 
 mod common;
 use common::peak_rss_mib;
 use rewire::config::UNetConfig;
-use rewire::exec::{HostTensor, LowerOptions, Plan};
+use rewire::exec::{HostTensor, LowerOptions, Plan, WeightDtype};
 use rewire::graph::InputSpec;
 use rewire::scheduler::{Scheduler, SchedulerConfig};
 use rewire::weights::RandomWeights;
@@ -36,6 +38,18 @@ fn main() {
     if std::env::args().any(|a| a == "--list") {
         return; // `cargo bench` lists benches first; nothing to list here.
     }
+    let only: Option<WeightDtype> = std::env::var("REWIRE_BENCH_WEIGHTS")
+        .ok()
+        .map(|s| s.parse().unwrap());
+    for dtype in [WeightDtype::F32, WeightDtype::F16] {
+        if only.is_none_or(|o| o == dtype) {
+            step(dtype);
+        }
+    }
+}
+
+fn step(dtype: WeightDtype) {
+    let _ = std::fs::write("/proc/self/clear_refs", "5"); // reset the peak (VmHWM)
     let device = rewire::backend::default_device().unwrap();
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("benches/configs/sdxl-unet.json");
     let cfg = UNetConfig::from_file(&path)
@@ -56,11 +70,14 @@ fn main() {
         &graph,
         &RandomWeights::new(0),
         &device,
-        LowerOptions::default(),
+        LowerOptions {
+            weights: dtype,
+            ..Default::default()
+        },
     )
     .unwrap();
     eprintln!(
-        "sdxl: {:.3} B parameters; weights lowered in {:.1} s, resident memory {:.0} → {:.0} MiB (f32: {:.0} MiB)",
+        "sdxl, weights held as {dtype:?}: {:.3} B parameters; weights lowered in {:.1} s, resident memory {:.0} → {:.0} MiB (all parameters in f32: {:.0} MiB)",
         params as f64 / 1e9,
         t.elapsed().as_secs_f64(),
         before,
@@ -103,7 +120,7 @@ fn main() {
     let next = sched.step(&eps, ts, &latents);
     assert!(next.iter().all(|v| v.is_finite()));
     eprintln!(
-        "sdxl_1024x1024_cfg_euler: {:.1} s per denoising step, peak resident memory {:.0} MiB",
+        "sdxl_1024x1024_cfg_euler, weights {dtype:?}: {:.1} s per denoising step, peak resident memory {:.0} MiB",
         t.elapsed().as_secs_f64(),
         peak_rss_mib()
     );

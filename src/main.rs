@@ -262,6 +262,10 @@ struct ForwardArgs {
     /// The number of denoising steps of the run.
     #[arg(long)]
     steps: Option<usize>,
+    /// Hold linear and conv weights as f32 (default), f16 or bf16; computation stays f32
+    /// (f16 halves the weight memory and is exact for an f16 checkpoint).
+    #[arg(long, default_value = "f32")]
+    weights: rewire::exec::WeightDtype,
     /// Do not fuse rewrites: every rewrite runs on materialised probabilities.
     #[arg(long)]
     no_fuse: bool,
@@ -321,6 +325,10 @@ fn reference_inputs(
 
 fn forward(a: ForwardArgs) -> Result<()> {
     let device = rewire::backend::device(&a.device)?;
+    let lower = LowerOptions {
+        weights: a.weights,
+        ..Default::default()
+    };
     let unet = UNet::open(&a.model)?;
     // A plan is checked against the model before anything else is read.
     let plan_file = match &a.plan {
@@ -398,7 +406,7 @@ fn forward(a: ForwardArgs) -> Result<()> {
         };
         // The reference pass records only the layers a rewrite reads.
         let recorder = c.recorder("reference")?;
-        let rp = Plan::lower(&recorder, &unet.weights, &device, LowerOptions::default())?;
+        let rp = Plan::lower(&recorder, &unet.weights, &device, lower)?;
         let recorded = rp.run_host(reference)?;
         for (k, v) in recorded {
             if k.starts_with("ref.") {
@@ -406,7 +414,7 @@ fn forward(a: ForwardArgs) -> Result<()> {
             }
         }
     }
-    let plan = Plan::lower(&graph, &unet.weights, &device, LowerOptions::default())?;
+    let plan = Plan::lower(&graph, &unet.weights, &device, lower)?;
     let result = plan.run_host(&given.tensors)?;
     let y = result.get("out").context("the graph has no `out` output")?;
     rewire::weights::write_f32(&a.out, &[("out".into(), y.shape.clone(), y.data.clone())])?;
@@ -497,6 +505,10 @@ struct RunArgs {
     strength: f32,
     #[arg(long, default_value = "flex")]
     device: String,
+    /// Hold linear and conv weights as f32 (default), f16 or bf16; computation stays f32
+    /// (f16 halves the weight memory and is exact for an f16 checkpoint).
+    #[arg(long, default_value = "f32")]
+    weights: rewire::exec::WeightDtype,
     #[arg(long)]
     no_fuse: bool,
     /// The image (several prompts: NAME_0.png, NAME_1.png, ...).
@@ -610,6 +622,7 @@ fn run_job(a: RunArgs) -> Result<()> {
         latents: a.latents.as_deref().map(read_latents).transpose()?,
         size,
         fuse: !a.no_fuse,
+        weights: a.weights,
         init_image: a.image.as_deref().map(read_image).transpose()?,
         strength: a.strength,
     };

@@ -204,6 +204,8 @@ pub struct RunOptions {
     /// Image width and height (default: the UNet's sample_size × the VAE factor).
     pub size: Option<(usize, usize)>,
     pub fuse: bool,
+    /// How the UNet's linear and conv weights are held (computation is f32 either way).
+    pub weights: crate::exec::WeightDtype,
     /// Image to image: the start image `[H, W, 3]` in [0, 1] (its VAE latents, noised to the
     /// first timestep that runs, replace the initial noise; `latents`/`seed` give the noise).
     pub init_image: Option<HostTensor>,
@@ -226,6 +228,7 @@ impl Default for RunOptions {
             latents: None,
             size: None,
             fuse: true,
+            weights: crate::exec::WeightDtype::F32,
             init_image: None,
             strength: 0.8,
         }
@@ -693,7 +696,10 @@ impl Pipeline {
                 g,
                 &self.unet.weights,
                 &self.device,
-                LowerOptions::default(),
+                LowerOptions {
+                    weights: opts.weights,
+                    ..Default::default()
+                },
                 cache,
             )
         };

@@ -29,6 +29,53 @@ fn naive_attention_matches_diffusers() {
         "baseline",
         LowerOptions {
             attention: AttentionImpl::Naive,
+            ..Default::default()
         },
     );
+}
+
+/// Weights held in half precision and widened where used: on an f16 checkpoint (shapes-sd)
+/// exactly the f32 result; on tiny-sd's f32 weights, rounded to f16, still near diffusers.
+#[test]
+fn half_precision_weights() {
+    use rewire::exec::{Plan, WeightDtype};
+    use rewire::unet::UNet;
+    let unet = UNet::open(&root().join("models/shapes-sd")).unwrap();
+    let spec = rewire::graph::InputSpec::new(2, 8, 8);
+    let graph = unet.graph(spec).unwrap();
+    let inputs = random_inputs(spec, unet.resolved.context_dim, &[]);
+    let run = |weights| {
+        let opts = LowerOptions {
+            weights,
+            ..Default::default()
+        };
+        let plan = Plan::lower(&graph, &unet.weights, &device(), opts).unwrap();
+        plan.run_host(&inputs).unwrap().remove("out").unwrap()
+    };
+    let full = run(WeightDtype::F32);
+    for dtype in [WeightDtype::F16, WeightDtype::Bf16] {
+        let half = run(dtype);
+        let e = half.max_abs_diff(&full);
+        println!("shapes-sd, weights held as {dtype:?}: {e:e} from f32");
+        if dtype == WeightDtype::F16 {
+            assert!(
+                e <= 1e-6,
+                "f16 weights of an f16 checkpoint changed the output by {e}"
+            );
+        } else {
+            // bf16 drops 3 mantissa bits of f16: a real change, and a bounded one.
+            assert!(e > 0.0 && e < 0.1, "bf16 weights: {e}");
+        }
+    }
+    let got = forward_case(
+        &tiny_sd(),
+        &case("baseline"),
+        LowerOptions {
+            weights: WeightDtype::F16,
+            ..Default::default()
+        },
+    );
+    let e = got.max_abs_diff(&expected(&case("baseline"), "out"));
+    println!("tiny-sd (f32 checkpoint) with f16 weights: {e:e} from diffusers");
+    assert!(e > 0.0 && e < 1e-2, "f16 rounding of f32 weights: {e}");
 }

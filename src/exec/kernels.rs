@@ -2,13 +2,13 @@
 //! (f16/bf16 widened to f32; linear weights transposed to `[in, out]` for Burn's `linear`).
 
 use super::tome::MergePlan;
-use super::{ExecError, HostTensor, LowerOptions, upload};
+use super::{ExecError, HostTensor, LowerOptions, WeightDtype, upload};
 use crate::graph::Op;
 use crate::weights::{WeightError, WeightSource};
 use burn::tensor::activation::{gelu, silu};
 use burn::tensor::module::{attention, conv2d, interpolate, layer_norm, linear};
 use burn::tensor::ops::{AttentionModuleOptions, ConvOptions, InterpolateMode, InterpolateOptions};
-use burn::tensor::{Device, Tensor};
+use burn::tensor::{Device, FloatDType, Tensor};
 
 /// A device tensor of rank 1 to 4, or a token-merge plan.
 #[derive(Debug, Clone)]
@@ -92,9 +92,12 @@ impl Value {
 /// Which attention implementation a plan uses.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub enum AttentionImpl {
-    /// `burn::tensor::module::attention`, the backend's fused kernel.
+    /// A fused kernel: rewire's own on the CPU backend (flex; see
+    /// [`super::cpu_attention`]), `burn::tensor::module::attention` on the others.
     #[default]
     Fused,
+    /// `burn::tensor::module::attention` on every backend.
+    Burn,
     /// Explicit `softmax(q kᵀ · scale) v` with materialised probabilities.
     Naive,
 }
@@ -139,8 +142,26 @@ impl LinearW {
     }
 
     pub(crate) fn apply<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
-        linear(x, self.w.clone(), self.b.clone())
+        linear(x, widen(self.w.clone()), self.b.clone())
     }
+
+    fn store_as(&mut self, dtype: WeightDtype) {
+        self.w = narrow_to(self.w.clone(), dtype);
+    }
+}
+
+/// A weight held as `dtype` (f32 stays as it is).
+fn narrow_to<const D: usize>(w: Tensor<D>, dtype: WeightDtype) -> Tensor<D> {
+    match dtype {
+        WeightDtype::F32 => w,
+        WeightDtype::F16 => w.cast(FloatDType::F16),
+        WeightDtype::Bf16 => w.cast(FloatDType::BF16),
+    }
+}
+
+/// A weight as f32 for computing (no work when it is held as f32).
+fn widen<const D: usize>(w: Tensor<D>) -> Tensor<D> {
+    w.cast(FloatDType::F32)
 }
 
 /// A 2-D convolution with its weights.
@@ -179,7 +200,16 @@ impl ConvW {
     }
 
     pub(crate) fn apply(&self, x: Tensor<4>) -> Tensor<4> {
-        conv2d(x, self.w.clone(), Some(self.b.clone()), self.opts.clone())
+        conv2d(
+            x,
+            widen(self.w.clone()),
+            Some(self.b.clone()),
+            self.opts.clone(),
+        )
+    }
+
+    fn store_as(&mut self, dtype: WeightDtype) {
+        self.w = narrow_to(self.w.clone(), dtype);
     }
 }
 
@@ -339,6 +369,30 @@ pub enum Kernel {
 }
 
 impl Kernel {
+    /// Holds the kernel's linear and convolution weights as `dtype` (see [`WeightDtype`]).
+    pub fn store_weights_as(&mut self, dtype: WeightDtype) {
+        if dtype == WeightDtype::F32 {
+            return;
+        }
+        match self {
+            Kernel::Linear(l) => l.store_as(dtype),
+            Kernel::Conv2d(c) => c.store_as(dtype),
+            Kernel::Resnet(r) => {
+                r.conv1.store_as(dtype);
+                r.temb.store_as(dtype);
+                r.conv2.store_as(dtype);
+                if let Some(s) = &mut r.shortcut {
+                    s.store_as(dtype);
+                }
+            }
+            Kernel::FeedForward { proj, out } => {
+                proj.store_as(dtype);
+                out.store_as(dtype);
+            }
+            _ => {}
+        }
+    }
+
     /// Builds the kernel for `op` at `path`, reading its weights.
     pub fn lower(
         path: &str,
@@ -829,13 +883,19 @@ pub fn attend(
 ) -> Tensor<3> {
     let [b, n, c] = q.dims();
     let cv = v.dims()[2];
+    #[cfg(feature = "flex")]
+    if imp == AttentionImpl::Fused && q.device() == Device::flex() {
+        return cpu_attend(q, k, v, heads);
+    }
     let (q, k, v) = (
         split_heads(q, heads),
         split_heads(k, heads),
         split_heads(v, heads),
     );
     let o = match imp {
-        AttentionImpl::Fused => attention(q, k, v, None, None, AttentionModuleOptions::default()),
+        AttentionImpl::Fused | AttentionImpl::Burn => {
+            attention(q, k, v, None, None, AttentionModuleOptions::default())
+        }
         AttentionImpl::Naive => {
             let d = c / heads;
             let s = q.matmul(k.swap_dims(2, 3)) * (1.0 / (d as f64).sqrt());
@@ -843,4 +903,34 @@ pub fn attend(
         }
     };
     o.swap_dims(1, 2).reshape([b, n, cv])
+}
+
+/// [`attend`] through rewire's CPU kernel: the tensors' data in, one upload out.
+#[cfg(feature = "flex")]
+fn cpu_attend(q: Tensor<3>, k: Tensor<3>, v: Tensor<3>, heads: usize) -> Tensor<3> {
+    use super::cpu_attention::{Dims, attention};
+    let [batch, queries, c] = q.dims();
+    let keys = k.dims()[1];
+    let cv = v.dims()[2];
+    let dev = q.device();
+    let host = |t: Tensor<3>| {
+        t.into_data()
+            .convert::<f32>()
+            .try_into_vec::<f32>()
+            .expect("f32 data after convert")
+    };
+    let dims = Dims {
+        batch,
+        queries,
+        keys,
+        heads,
+        dqk: c / heads,
+        dv: cv / heads,
+    };
+    let scale = 1.0 / ((c / heads) as f32).sqrt();
+    let out = attention(&host(q), &host(k), &host(v), dims, scale);
+    Tensor::<3>::from_data(
+        burn::tensor::TensorData::new(out, [batch, queries, cv]),
+        &dev,
+    )
 }

@@ -6,10 +6,11 @@
 //!
 //! Try it: `rewire forward models/tiny-sd --inputs tests/fixtures/unet_cases/baseline.safetensors --out /tmp/out.safetensors`.
 
+pub mod cpu_attention;
 pub(crate) mod kernels;
 pub mod tome;
 
-pub use kernels::{AttentionImpl, Kernel, Value};
+pub use kernels::{AttentionImpl, Kernel, Value, attend};
 
 use crate::graph::{Graph, GraphError, Op};
 use crate::weights::{WeightError, WeightSource};
@@ -47,6 +48,37 @@ pub struct KernelCache(HashMap<String, Kernel>);
 #[derive(Debug, Clone, Copy, Default)]
 pub struct LowerOptions {
     pub attention: AttentionImpl,
+    /// How the linear and convolution weights are held on the device.
+    pub weights: WeightDtype,
+}
+
+/// How linear and convolution weights (nearly all of a UNet's parameters) are held on the
+/// device. Computation is f32 either way: a half-precision weight is widened to f32 where it is
+/// used, so an f16 checkpoint held as `F16` gives the same results as `F32` (widening is exact)
+/// in half the weight memory, for one conversion per use.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum WeightDtype {
+    /// f32 (the default: fastest).
+    #[default]
+    F32,
+    /// IEEE half precision: exact for f16 checkpoints.
+    F16,
+    /// bfloat16: exact for bf16 checkpoints.
+    Bf16,
+}
+
+impl std::str::FromStr for WeightDtype {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.to_ascii_lowercase().as_str() {
+            "f32" | "float32" => Ok(WeightDtype::F32),
+            "f16" | "float16" | "fp16" => Ok(WeightDtype::F16),
+            "bf16" | "bfloat16" => Ok(WeightDtype::Bf16),
+            other => Err(format!(
+                "unknown weight dtype {other:?}: use f32, f16 or bf16"
+            )),
+        }
+    }
 }
 
 struct Step {
@@ -165,7 +197,8 @@ impl Plan {
                 match cache.0.get(&key) {
                     Some(k) => k.clone(),
                     None => {
-                        let k = Kernel::lower(&node.path, &node.op, weights, device, opts)?;
+                        let mut k = Kernel::lower(&node.path, &node.op, weights, device, opts)?;
+                        k.store_weights_as(opts.weights);
                         cache.0.insert(key, k.clone());
                         k
                     }
