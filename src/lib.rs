@@ -14,6 +14,7 @@ pub mod exec;
 pub mod graph;
 pub mod io;
 pub mod picture;
+pub mod profile;
 pub mod pipeline;
 pub mod recipe;
 pub mod scheduler;
