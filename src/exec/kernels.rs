@@ -829,6 +829,7 @@ pub fn attend(
 ) -> Tensor<3> {
     let [b, n, c] = q.dims();
     let cv = v.dims()[2];
+    let (q_in, k_in, v_in) = (q.clone(), k.clone(), v.clone());
     let (q, k, v) = (
         split_heads(q, heads),
         split_heads(k, heads),
@@ -842,5 +843,13 @@ pub fn attend(
             burn::tensor::activation::softmax(s, 3).matmul(v)
         }
     };
-    o.swap_dims(1, 2).reshape([b, n, cv])
+    // Fused kernels keep a running maximum that skips NaN, so a NaN query, key or value could
+    // come out finite: add 0 (or NaN, when any input holds NaN or ±Inf) to every output.
+    let poison = nan_or_zero(q_in) + nan_or_zero(k_in) + nan_or_zero(v_in);
+    o.swap_dims(1, 2).reshape([b, n, cv]) + poison.reshape([1, 1, 1])
+}
+
+/// A one-element tensor: 0 when `t` is finite, NaN otherwise (`x · 0` is NaN for NaN and ±Inf).
+fn nan_or_zero(t: Tensor<3>) -> Tensor<1> {
+    (t * 0.0).sum()
 }

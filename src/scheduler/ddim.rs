@@ -9,7 +9,7 @@ use super::{
 /// `DDIMScheduler` (eta 0, `clip_sample: false`, no thresholding).
 #[derive(Debug, Clone)]
 pub struct Ddim {
-    common: Common,
+    pub(crate) common: Common,
     /// `alphas_cumprod[0]`, or 1 with `set_alpha_to_one`: ᾱ before the first training step.
     final_alpha_cumprod: f32,
     num_inference_steps: usize,
@@ -45,6 +45,7 @@ impl Ddim {
 
     pub fn set_timesteps(&mut self, n: usize) -> Result<(), SchedulerError> {
         self.common.check_steps(n)?;
+        self.common.check_offset(n)?;
         let t_train = self.common.num_train_timesteps;
         let ts: Vec<i64> = match self.common.spacing {
             Spacing::Linspace => np_linspace(0.0, (t_train - 1) as f64, n)

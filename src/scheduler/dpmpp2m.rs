@@ -10,7 +10,7 @@ use super::{
 /// `DPMSolverMultistepScheduler` with `algorithm_type: "dpmsolver++"`, `solver_order` 1 or 2.
 #[derive(Debug, Clone)]
 pub struct DpmSolverMultistep {
-    common: Common,
+    pub(crate) common: Common,
     solver_order: usize,
     /// `solver_type: "heun"` (else midpoint).
     heun: bool,
@@ -99,6 +99,7 @@ impl DpmSolverMultistep {
 
     pub fn set_timesteps(&mut self, n: usize) -> Result<(), SchedulerError> {
         self.common.check_steps(n)?;
+        self.common.check_offset(n)?;
         let t_train = self.common.num_train_timesteps;
         // clipped_idx = searchsorted(flip(lambda_t), lambda_min_clipped): how many log-SNRs fall
         // below the clip, counted from the noisiest end.

@@ -10,7 +10,7 @@ use super::{
 /// Karras/exponential/beta sigmas).
 #[derive(Debug, Clone)]
 pub struct EulerDiscrete {
-    common: Common,
+    pub(crate) common: Common,
     /// The sigma of the last step: `0` (`final_sigmas_type: "zero"`) or the smallest training
     /// sigma (`"sigma_min"`).
     sigma_min_last: bool,
@@ -55,6 +55,7 @@ impl EulerDiscrete {
 
     pub fn set_timesteps(&mut self, n: usize) -> Result<(), SchedulerError> {
         self.common.check_steps(n)?;
+        self.common.check_offset(n)?;
         let t_train = self.common.num_train_timesteps;
         let ts: Vec<f32> = match self.common.spacing {
             Spacing::Linspace => np_linspace(0.0, (t_train - 1) as f64, n)

@@ -122,10 +122,26 @@ impl SchedulerConfig {
         } else {
             path.to_path_buf()
         };
-        let text = std::fs::read_to_string(&file).map_err(|source| SchedulerError::Read {
-            path: file.clone(),
-            source,
-        })?;
+        use crate::limits::{MAX_CONFIG_BYTES, ReadError, read_text_capped};
+        let text =
+            read_text_capped(&file, MAX_CONFIG_BYTES, "MAX_CONFIG_BYTES").map_err(|e| match e {
+                ReadError::Io(source) => SchedulerError::Read {
+                    path: file.clone(),
+                    source,
+                },
+                other => SchedulerError::Json {
+                    path: file.clone(),
+                    line: match other {
+                        ReadError::Utf8 { line, .. } => line,
+                        _ => 0,
+                    },
+                    column: match other {
+                        ReadError::Utf8 { col, .. } => col,
+                        _ => 0,
+                    },
+                    message: other.to_string(),
+                },
+            })?;
         Self::from_json(&text, &file)
     }
 
@@ -289,6 +305,47 @@ impl Common {
         Ok(())
     }
 
+    /// Checks that `steps_offset` keeps every timestep of an `n`-step schedule inside the
+    /// training schedule `0..num_train_timesteps` (leading spacing adds it to each timestep).
+    pub fn check_offset(&self, n: usize) -> Result<(), SchedulerError> {
+        let t = self.num_train_timesteps as i64;
+        if self.spacing != Spacing::Leading {
+            return Ok(());
+        }
+        // The largest leading timestep is (n - 1)·(T / n) + offset (DPM-Solver++: n·(T / (n + 1))).
+        let ratio = t / n.max(1) as i64;
+        let top = (n as i64 - 1).max(0) * ratio;
+        let last = top.saturating_add(self.steps_offset);
+        if self.steps_offset < 0 || last >= t {
+            return Err(SchedulerError::Invalid {
+                path: self.path.clone(),
+                field: "steps_offset",
+                message: format!(
+                    "{} puts timestep {last} of a {n}-step leading schedule outside the training schedule 0..{t}\n  hint: diffusers' SD configs use steps_offset 0 or 1; ask for fewer steps or lower steps_offset",
+                    self.steps_offset
+                ),
+            });
+        }
+        Ok(())
+    }
+
+    /// Checks every timestep of a schedule against the training schedule.
+    pub fn check_timesteps(&self, ts: &[f64]) -> Result<(), SchedulerError> {
+        let t = self.num_train_timesteps as f64;
+        if let Some(bad) = ts.iter().find(|&&x| !(x >= 0.0 && x < t)) {
+            return Err(SchedulerError::Invalid {
+                path: self.path.clone(),
+                field: "steps_offset",
+                message: format!(
+                    "timestep {bad} of a {}-step schedule is outside the training schedule 0..{t} (steps_offset = {})\n  hint: ask for fewer steps or lower steps_offset",
+                    ts.len(),
+                    self.steps_offset
+                ),
+            });
+        }
+        Ok(())
+    }
+
     /// `alphas_cumprod[t]`, for an integral `t` inside the training schedule.
     pub fn alpha_prod(&self, t: i64) -> f32 {
         let i = usize::try_from(t)
@@ -447,7 +504,38 @@ impl ConfigReader<'_> {
                 message: "must be at least 1".into(),
             });
         }
+        crate::limits::at_most(
+            num_train_timesteps,
+            crate::limits::MAX_TRAIN_TIMESTEPS,
+            "MAX_TRAIN_TIMESTEPS",
+        )
+        .map_err(|e| SchedulerError::Invalid {
+            path: self.path(),
+            field: "num_train_timesteps",
+            message: format!("{e}\n  hint: SD schedulers are trained with 1000 timesteps"),
+        })?;
         let betas = self.betas(num_train_timesteps)?;
+        if let Some((i, b)) = betas
+            .iter()
+            .enumerate()
+            .find(|(_, b)| !(b.is_finite() && **b >= 0.0 && **b < 1.0))
+        {
+            return Err(SchedulerError::Invalid {
+                path: self.path(),
+                field: if self
+                    .config
+                    .raw("trained_betas")
+                    .is_some_and(|v| !v.is_null())
+                {
+                    "trained_betas"
+                } else {
+                    "beta_end"
+                },
+                message: format!(
+                    "beta {b} (timestep {i}) is outside [0, 1)\n  hint: betas are noise variances per step; SD uses beta_start 0.00085, beta_end 0.012"
+                ),
+            });
+        }
         if self.bool("rescale_betas_zero_snr", false)? {
             return Err(self.unsupported(
                 "rescale_betas_zero_snr",
@@ -762,7 +850,14 @@ impl Scheduler {
             Self::Pndm(s) => s.set_timesteps(num_inference_steps),
             Self::Euler(s) => s.set_timesteps(num_inference_steps),
             Self::DpmSolverMultistep(s) => s.set_timesteps(num_inference_steps),
-        }
+        }?;
+        let common = match &*self {
+            Self::Ddim(s) => &s.common,
+            Self::Pndm(s) => &s.common,
+            Self::Euler(s) => &s.common,
+            Self::DpmSolverMultistep(s) => &s.common,
+        };
+        common.check_timesteps(self.timesteps())
     }
 
     /// The timesteps to run the UNet at, in order (empty before [`Self::set_timesteps`]). PNDM

@@ -10,7 +10,7 @@ use super::{
 /// `PNDMScheduler` (PLMS only: `skip_prk_steps: true`).
 #[derive(Debug, Clone)]
 pub struct Pndm {
-    common: Common,
+    pub(crate) common: Common,
     final_alpha_cumprod: f32,
     num_inference_steps: usize,
     timesteps: Vec<f64>,
@@ -61,6 +61,7 @@ impl Pndm {
 
     pub fn set_timesteps(&mut self, n: usize) -> Result<(), SchedulerError> {
         self.common.check_steps(n)?;
+        self.common.check_offset(n)?;
         let t_train = self.common.num_train_timesteps;
         // Ascending, as diffusers' `_timesteps`.
         let asc: Vec<i64> = match self.common.spacing {
