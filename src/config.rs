@@ -574,6 +574,15 @@ impl UNetConfig {
                     });
                 }
             }
+            if self.norm_eps > 1e6 {
+                return Err(ConfigError::Invalid {
+                    path: p(),
+                    message: format!(
+                        "`norm_eps` = {} is above 1e6: the normalisation would erase the signal\n  hint: diffusers' default is 1e-5",
+                        self.norm_eps
+                    ),
+                });
+            }
             if self.norm_eps > 1.0 {
                 eprintln!(
                     "warning: {}: `norm_eps` = {} is unusually large (diffusers' default is 1e-5)",

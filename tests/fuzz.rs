@@ -101,20 +101,7 @@ fn mutate_text(rng: &mut Rng, text: &str) -> Vec<u8> {
             }
             3 => b[at] = rng.next() as u8,
             4 => {
-                let ins: &[u8] = rng.pick(&[
-                    b"(".as_slice(),
-                    b")",
-                    b"[",
-                    b"]",
-                    b",",
-                    b"\"",
-                    b"\xff",
-                    b"\xe2\x82",
-                    b"Some(",
-                    b"//",
-                    b"/*",
-                    b"\\",
-                ]);
+                let ins: &[u8] = *rng.pick(INSERTS);
                 b.splice(at..at, ins.iter().copied());
             }
             _ => {
@@ -126,13 +113,36 @@ fn mutate_text(rng: &mut Rng, text: &str) -> Vec<u8> {
     b
 }
 
-static PANICS: Mutex<Vec<String>> = Mutex::new(Vec::new());
+/// Bytes worth inserting into text: brackets, quotes, comments, broken UTF-8.
+const INSERTS: &[&[u8]] = &[
+    b"(",
+    b")",
+    b"[",
+    b"]",
+    b",",
+    b"\"",
+    b"\xff",
+    b"\xe2\x82",
+    b"Some(",
+    b"//",
+    b"/*",
+    b"\\",
+];
 
-/// Runs one case; a panic is recorded (with the input) instead of unwinding.
+static PANICS: Mutex<Vec<String>> = Mutex::new(Vec::new());
+static IN_CASE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+static LAST: Mutex<String> = Mutex::new(String::new());
+
+/// Runs one case; a panic is recorded (message and input) instead of unwinding.
 fn case(what: &str, input: &[u8], f: impl FnOnce()) {
-    if std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).is_err() {
+    use std::sync::atomic::Ordering;
+    IN_CASE.store(true, Ordering::SeqCst);
+    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
+    IN_CASE.store(false, Ordering::SeqCst);
+    if r.is_err() {
         PANICS.lock().unwrap().push(format!(
-            "{what}: {}",
+            "{what}: {}\ninput: {}",
+            LAST.lock().unwrap(),
             String::from_utf8_lossy(&input[..input.len().min(400)])
         ));
     }
@@ -148,7 +158,14 @@ fn scale() -> usize {
 #[test]
 fn fuzz_loaders_never_panic() {
     // Silence the default hook's backtraces; panics are collected and reported below.
-    std::panic::set_hook(Box::new(|_| {}));
+    let default = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        if IN_CASE.load(std::sync::atomic::Ordering::SeqCst) {
+            *LAST.lock().unwrap() = info.to_string();
+        } else {
+            default(info);
+        }
+    }));
     let mut rng = Rng(0x5EED_0014);
     let mut counts: Vec<(&str, usize)> = Vec::new();
     let unet = UNet::open(&tiny_sd()).unwrap();
@@ -303,12 +320,14 @@ fn fuzz_loaders_never_panic() {
                 0 => rng.below(8),
                 1 => rng.below(b.len()),
                 _ => 8 + rng.below(header_len),
-            };
+            }
+            .min(b.len() - 1);
             let r = rng.next();
             match r % 3 {
                 0 => b[at] = (r >> 8) as u8,
                 1 => b[at] = *rng.pick(b"0123456789,:[]{}\"-e."),
-                _ => b.truncate(at.max(1)),
+                _ if rng.below(4) == 0 => b.truncate(at.max(1)),
+                _ => b[at] = b' ',
             }
             if b.len() <= 8 {
                 break;
@@ -355,42 +374,34 @@ fn case_path(name: &str) -> std::path::PathBuf {
     common::case(name)
 }
 
-/// Replaces one random leaf (or an array's length) of a JSON value by an interesting value.
+/// Replaces one random leaf (or drops or duplicates an array element) of a JSON value.
 fn mutate_json(rng: &mut Rng, v: &mut serde_json::Value) {
     use serde_json::Value;
-    let leaf: Value = serde_json::from_str(match *rng.pick(NUMBERS) {
-        "NaN" | "inf" => "1e308",
-        n => n,
-    })
-    .unwrap_or(Value::Null);
-    // Walk down a random path.
-    let mut cur = v;
-    loop {
-        let stop = rng.below(4) == 0;
-        match cur {
-            Value::Object(m) if !m.is_empty() && !stop => {
-                let k = m.keys().nth(rng.below(m.len())).unwrap().clone();
-                cur = m.get_mut(&k).unwrap();
-            }
-            Value::Array(a) if !a.is_empty() && !stop => {
-                if rng.below(8) == 0 {
-                    // Drop or duplicate an element.
-                    let i = rng.below(a.len());
-                    if rng.below(2) == 0 {
-                        a.remove(i);
-                    } else {
-                        let e = a[i].clone();
-                        a.insert(i, e);
-                    }
-                    return;
+    let stop = rng.below(4) == 0;
+    match v {
+        Value::Object(m) if !m.is_empty() && !stop => {
+            let k = m.keys().nth(rng.below(m.len())).unwrap().clone();
+            mutate_json(rng, m.get_mut(&k).unwrap());
+        }
+        Value::Array(a) if !a.is_empty() && !stop => {
+            let i = rng.below(a.len());
+            match rng.below(8) {
+                0 => {
+                    a.remove(i);
                 }
-                let i = rng.below(a.len());
-                cur = &mut a[i];
+                1 => {
+                    let e = a[i].clone();
+                    a.insert(i, e);
+                }
+                _ => mutate_json(rng, &mut a[i]),
             }
-            _ => {
-                *cur = leaf;
-                return;
-            }
+        }
+        _ => {
+            *v = serde_json::from_str(match *rng.pick(NUMBERS) {
+                "NaN" | "inf" => "1e308",
+                n => n,
+            })
+            .unwrap_or(Value::Null);
         }
     }
 }
@@ -398,6 +409,9 @@ fn mutate_json(rng: &mut Rng, v: &mut serde_json::Value) {
 /// Recomputes a plan's checksum (SHA-256 of its JSON with an empty checksum) as anyone can.
 fn reseal(mut v: serde_json::Value) -> Vec<u8> {
     use sha2::Digest;
+    if !v.is_object() {
+        return serde_json::to_vec(&v).unwrap();
+    }
     v["checksum"] = "".into();
     let Ok(typed) = serde_json::from_value::<PlanFile>(v.clone()) else {
         return serde_json::to_vec(&v).unwrap();
