@@ -6,7 +6,10 @@
 //! `rewire check` does after reading the model. A plain timing of each size is printed first (the
 //! ratio 10k / 1k should be about 10), then criterion times the 10,000-rewrite check.
 //!
-//! Run: `cargo bench --bench check`.
+//! Run: `cargo bench --bench check` (`REWIRE_BENCH_PLAIN=1` for plain reweights only).
+//!
+//! Measured on the 2-core development machine (release): 10,000 rewrites in 0.46 s (mixed) and
+//! 0.27 s (plain); 1,000 in 0.054 s.
 
 use criterion::{Criterion, criterion_group, criterion_main};
 use rewire::compile::{CompileOptions, compile_graph};
@@ -22,7 +25,7 @@ pub fn recipe(n: usize) -> String {
     for i in 0..n {
         let r = match i % 10 {
             0 if i == 0 => "Rewrite(select: Select(kind: Some(Cross), place: [Down]), op: Store(), order: Some(-1))".to_string(),
-            5 => format!(
+            5 if std::env::var("REWIRE_BENCH_PLAIN").is_err() => format!(
                 "Rewrite(select: Select(kind: Some(Cross), place: [Down]), op: Reweight(tokens: {{{}: 1.01}}, renormalize: true), order: Some({}))",
                 1 + i % 70,
                 i

@@ -1213,15 +1213,34 @@ fn apply_layer(
                     all[r * keys..(r + 1) * keys].copy_from_slice(&w[..keys]);
                     renorm[r] = *renormalize;
                 }
-                p = patch.add(
-                    path,
-                    Op::ProbsReweight {
-                        keys,
-                        weights: all,
-                        renormalize: renorm,
-                    },
-                    &[p],
-                );
+                // A reweight after one that renormalises nothing multiplies into it
+                // (P·w₁·w₂ = P·(w₁w₂)): thousands of reweights stay one node per layer, which
+                // keeps `check` linear in the number of rewrites.
+                if let Src::New(last) = p
+                    && let Some((
+                        _,
+                        Op::ProbsReweight {
+                            weights: pw,
+                            renormalize: pr,
+                            ..
+                        },
+                        _,
+                    )) = patch.nodes.get_mut(last)
+                    && pr.iter().all(|r| !r)
+                {
+                    pw.iter_mut().zip(&all).for_each(|(a, b)| *a *= b);
+                    *pr = renorm;
+                } else {
+                    p = patch.add(
+                        path,
+                        Op::ProbsReweight {
+                            keys,
+                            weights: all,
+                            renormalize: renorm,
+                        },
+                        &[p],
+                    );
+                }
             }
             RewriteOp::ReplaceMaps { from, to, .. } => {
                 p = patch.add(
