@@ -416,13 +416,13 @@ fn forward(a: ForwardArgs) -> Result<()> {
     let plan = Plan::lower(&graph, &unet.weights, &device, LowerOptions::default())?;
     let result = plan.run_host(&given.tensors)?;
     let y = result.get("out").context("the graph has no `out` output")?;
-    rewire::weights::write_f32(&a.out, &[("out".into(), y.shape.clone(), y.data.clone())])?;
-    eprintln!(
-        "wrote {} ({:?}) in {:.3}s",
-        a.out.display(),
-        y.shape,
-        t0.elapsed().as_secs_f64()
-    );
+    // `out` and the stores are written together or not at all.
+    let mut staged = rewire::weights::Staged::new();
+    let out_bytes =
+        rewire::weights::encode_f32(&a.out, &[("out".into(), y.shape.clone(), y.data.clone())])?;
+    staged
+        .stage(&a.out, &out_bytes)
+        .map_err(|e| rewire::weights::write_error(&a.out, e))?;
     let mut stored: Vec<(String, Vec<usize>, Vec<f32>)> = result
         .iter()
         .filter(|(k, _)| k.starts_with("probs."))
@@ -434,12 +434,34 @@ fn forward(a: ForwardArgs) -> Result<()> {
             .store_out
             .clone()
             .unwrap_or_else(|| a.out.with_extension("store.safetensors"));
-        rewire::weights::write_f32(&path, &stored)?;
+        let bytes = rewire::weights::encode_f32(&path, &stored)?;
+        staged
+            .stage(&path, &bytes)
+            .map_err(|e| rewire::weights::write_error(&path, e))?;
+        staged
+            .commit()
+            .map_err(|e| rewire::weights::write_error(&path, e))?;
+        eprintln!(
+            "wrote {} ({:?}) in {:.3}s",
+            a.out.display(),
+            y.shape,
+            t0.elapsed().as_secs_f64()
+        );
         eprintln!("wrote {} stored maps to {}", stored.len(), path.display());
     } else if let Some(p) = &a.store_out {
         bail!(
             "--store-out {}: the recipe stores nothing (it has no Store rewrite)",
             p.display()
+        );
+    } else {
+        staged
+            .commit()
+            .map_err(|e| rewire::weights::write_error(&a.out, e))?;
+        eprintln!(
+            "wrote {} ({:?}) in {:.3}s",
+            a.out.display(),
+            y.shape,
+            t0.elapsed().as_secs_f64()
         );
     }
     Ok(())

@@ -18,6 +18,10 @@ pub enum PictureError {
         "cannot write {path}: rewire writes PNG pictures, and the extension is {ext:?}\n  hint: name the output *.png"
     )]
     Extension { path: PathBuf, ext: String },
+    #[error(
+        "the decoded image holds {value} at flat index {index}\n  hint: the latents diverged (an extreme --guidance, a recipe weight, or a broken VAE); rerun with --check-finite to find the node"
+    )]
+    NonFinite { value: f32, index: usize },
     #[error("{what} has shape {shape:?}, expected {expected}")]
     Shape {
         what: String,
@@ -33,6 +37,12 @@ pub fn to_rgb(img: &HostTensor) -> Result<RgbImage, PictureError> {
             what: "image".into(),
             shape: img.shape.clone(),
             expected: "[H, W, 3]",
+        });
+    }
+    if let Some(i) = img.data.iter().position(|v| !v.is_finite()) {
+        return Err(PictureError::NonFinite {
+            value: img.data[i],
+            index: i,
         });
     }
     let (h, w) = (img.shape[0], img.shape[1]);

@@ -297,7 +297,7 @@ fn fuzz_loaders_never_panic() {
             let Ok(mut s) = Scheduler::from_name(name, &cfg) else {
                 return;
             };
-            if s.set_timesteps(steps).is_ok() {
+            if s.set_timesteps(steps).is_ok() && s.check_schedule().is_ok() {
                 let ts = s.timesteps().to_vec();
                 let x = vec![0.5f32; 16];
                 let _ = s.scale_model_input(&x, ts[0]);

@@ -86,6 +86,36 @@ fn forged_unet_configs_are_errors_naming_field_and_limit() {
 }
 
 #[test]
+fn forged_vae_configs_are_errors_naming_field_and_limit() {
+    use rewire::vae::VaeConfig;
+    let path = tiny_sd().join("vae/config.json");
+    let original: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    for (field, raw, want) in [
+        ("layers_per_block", "1000000000", "MAX_LAYERS_PER_BLOCK"),
+        ("block_out_channels", "[32, 64000000]", "MAX_CHANNELS"),
+    ] {
+        let mut v = original.clone();
+        v.insert(field.into(), serde_json::from_str(raw).unwrap());
+        if field == "block_out_channels" {
+            for t in ["down_block_types", "up_block_types"] {
+                let first = v[t][0].clone();
+                v.insert(t.into(), serde_json::json!([first.clone(), first]));
+            }
+        }
+        let text = serde_json::to_string(&v).unwrap();
+        let e = VaeConfig::from_json(&text, &path)
+            .and_then(|c| c.validate(&path))
+            .expect_err("accepted")
+            .to_string();
+        assert!(
+            e.contains("vae/config.json") && e.contains(field) && e.contains(want),
+            "{field}: {e}"
+        );
+    }
+}
+
+#[test]
 fn forged_scheduler_configs_are_errors() {
     use rewire::scheduler::{Scheduler, SchedulerConfig};
     let path = tiny_sd().join("scheduler/scheduler_config.json");
@@ -99,7 +129,7 @@ fn forged_scheduler_configs_are_errors() {
     let err = |text: String, steps: usize| -> String {
         let r = SchedulerConfig::from_json(&text, &path)
             .and_then(|c| Scheduler::from_config(&c))
-            .and_then(|mut s| s.set_timesteps(steps));
+            .and_then(|mut s| s.set_timesteps(steps).and_then(|()| s.check_schedule()));
         r.expect_err("accepted").to_string()
     };
     let e = err(with("steps_offset", "1000000000"), 2);

@@ -45,7 +45,6 @@ impl Ddim {
 
     pub fn set_timesteps(&mut self, n: usize) -> Result<(), SchedulerError> {
         self.common.check_steps(n)?;
-        self.common.check_offset(n)?;
         let t_train = self.common.num_train_timesteps;
         let ts: Vec<i64> = match self.common.spacing {
             Spacing::Linspace => np_linspace(0.0, (t_train - 1) as f64, n)

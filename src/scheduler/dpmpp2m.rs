@@ -99,7 +99,6 @@ impl DpmSolverMultistep {
 
     pub fn set_timesteps(&mut self, n: usize) -> Result<(), SchedulerError> {
         self.common.check_steps(n)?;
-        self.common.check_offset(n)?;
         let t_train = self.common.num_train_timesteps;
         // clipped_idx = searchsorted(flip(lambda_t), lambda_min_clipped): how many log-SNRs fall
         // below the clip, counted from the noisiest end.

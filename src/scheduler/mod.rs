@@ -305,30 +305,6 @@ impl Common {
         Ok(())
     }
 
-    /// Checks that `steps_offset` keeps every timestep of an `n`-step schedule inside the
-    /// training schedule `0..num_train_timesteps` (leading spacing adds it to each timestep).
-    pub fn check_offset(&self, n: usize) -> Result<(), SchedulerError> {
-        let t = self.num_train_timesteps as i64;
-        if self.spacing != Spacing::Leading {
-            return Ok(());
-        }
-        // The largest leading timestep is (n - 1)·(T / n) + offset (DPM-Solver++: n·(T / (n + 1))).
-        let ratio = t / n.max(1) as i64;
-        let top = (n as i64 - 1).max(0) * ratio;
-        let last = top.saturating_add(self.steps_offset);
-        if self.steps_offset < 0 || last >= t {
-            return Err(SchedulerError::Invalid {
-                path: self.path.clone(),
-                field: "steps_offset",
-                message: format!(
-                    "{} puts timestep {last} of a {n}-step leading schedule outside the training schedule 0..{t}\n  hint: diffusers' SD configs use steps_offset 0 or 1; ask for fewer steps or lower steps_offset",
-                    self.steps_offset
-                ),
-            });
-        }
-        Ok(())
-    }
-
     /// Checks every timestep of a schedule against the training schedule.
     pub fn check_timesteps(&self, ts: &[f64]) -> Result<(), SchedulerError> {
         let t = self.num_train_timesteps as f64;
@@ -504,6 +480,16 @@ impl ConfigReader<'_> {
                 message: "must be at least 1".into(),
             });
         }
+        let steps_offset = self.i64("steps_offset", 0)?;
+        if !(0..num_train_timesteps as i64).contains(&steps_offset) {
+            return Err(SchedulerError::Invalid {
+                path: self.path(),
+                field: "steps_offset",
+                message: format!(
+                    "{steps_offset} is outside the training schedule 0..{num_train_timesteps}\n  hint: diffusers' SD configs use steps_offset 0 or 1"
+                ),
+            });
+        }
         crate::limits::at_most(
             num_train_timesteps,
             crate::limits::MAX_TRAIN_TIMESTEPS,
@@ -566,7 +552,7 @@ impl ConfigReader<'_> {
             class: self.class,
             num_train_timesteps,
             alphas_cumprod: alphas_cumprod(&betas),
-            steps_offset: self.i64("steps_offset", 0)?,
+            steps_offset,
             spacing,
             prediction,
         })
@@ -850,8 +836,15 @@ impl Scheduler {
             Self::Pndm(s) => s.set_timesteps(num_inference_steps),
             Self::Euler(s) => s.set_timesteps(num_inference_steps),
             Self::DpmSolverMultistep(s) => s.set_timesteps(num_inference_steps),
-        }?;
-        let common = match &*self {
+        }
+    }
+
+    /// Checks that every timestep of the schedule set by [`Self::set_timesteps`] lies inside
+    /// the training schedule `0..num_train_timesteps` ([`Self::step`] reads `alphas_cumprod` at
+    /// it): leading spacing adds `steps_offset`, so e.g. 1000 steps with `steps_offset: 1` end
+    /// one past it. Call it before stepping through a schedule built from an untrusted config.
+    pub fn check_schedule(&self) -> Result<(), SchedulerError> {
+        let common = match self {
             Self::Ddim(s) => &s.common,
             Self::Pndm(s) => &s.common,
             Self::Euler(s) => &s.common,

@@ -61,7 +61,6 @@ impl Pndm {
 
     pub fn set_timesteps(&mut self, n: usize) -> Result<(), SchedulerError> {
         self.common.check_steps(n)?;
-        self.common.check_offset(n)?;
         let t_train = self.common.num_train_timesteps;
         // Ascending, as diffusers' `_timesteps`.
         let asc: Vec<i64> = match self.common.spacing {
