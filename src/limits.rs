@@ -58,8 +58,8 @@ pub const MAX_REWEIGHT: f32 = 1e4;
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{value} is above the limit of {limit} (src/limits.rs: {name})")]
 pub struct Exceeded {
-    pub value: u128,
-    pub limit: u128,
+    pub value: u64,
+    pub limit: u64,
     /// The constant's name in this module.
     pub name: &'static str,
 }
@@ -70,8 +70,8 @@ pub fn at_most(value: usize, limit: usize, name: &'static str) -> Result<(), Exc
         Ok(())
     } else {
         Err(Exceeded {
-            value: value as u128,
-            limit: limit as u128,
+            value: value as u64,
+            limit: limit as u64,
             name,
         })
     }

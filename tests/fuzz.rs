@@ -101,7 +101,7 @@ fn mutate_text(rng: &mut Rng, text: &str) -> Vec<u8> {
             }
             3 => b[at] = rng.next() as u8,
             4 => {
-                let ins: &[u8] = *rng.pick(INSERTS);
+                let ins: &&[u8] = rng.pick(INSERTS);
                 b.splice(at..at, ins.iter().copied());
             }
             _ => {

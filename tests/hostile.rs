@@ -359,7 +359,7 @@ fn forged_resealed_plans_are_refused_with_the_node_and_field() {
 /// A safetensors file with `header` as its JSON header and `data` after it.
 fn raw_safetensors(header: &str, data: &[u8]) -> Vec<u8> {
     let mut h = header.as_bytes().to_vec();
-    while h.len() % 8 != 0 {
+    while !h.len().is_multiple_of(8) {
         h.push(b' ');
     }
     let mut out = (h.len() as u64).to_le_bytes().to_vec();

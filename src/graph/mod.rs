@@ -51,8 +51,8 @@ pub enum GraphError {
     #[error("{what} = {source}\n  hint: {hint}")]
     Limit {
         what: String,
-        source: crate::limits::Exceeded,
-        hint: String,
+        source: Box<crate::limits::Exceeded>,
+        hint: &'static str,
     },
 }
 
@@ -91,11 +91,11 @@ impl InputSpec {
                 });
             }
         }
-        let lim = |what: &str, v: usize, max: usize, name: &'static str, hint: &str| {
+        let lim = |what: &str, v: usize, max: usize, name: &'static str, hint: &'static str| {
             at_most(v, max, name).map_err(|source| GraphError::Limit {
                 what: what.into(),
-                source,
-                hint: hint.into(),
+                source: Box::new(source),
+                hint,
             })
         };
         lim(

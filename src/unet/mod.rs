@@ -30,11 +30,10 @@ pub enum ModelError {
     #[error(transparent)]
     Graph(#[from] GraphError),
     #[error(
-        "{weights} holds {count} tensors that {config} does not build, e.g. `{example}`\n  hint: the config's layer counts ({field}) do not match the checkpoint; use the config.json that came with these weights"
+        "{weights} holds {count} tensors that the config.json beside it does not build, e.g. `{example}`\n  hint: the config's layer counts ({field}) do not match the checkpoint; use the config.json that came with these weights"
     )]
     Unused {
         weights: PathBuf,
-        config: PathBuf,
         count: usize,
         example: String,
         field: &'static str,
@@ -66,7 +65,7 @@ impl UNet {
         let config = UNetConfig::from_file(&cfg_path)?;
         let resolved = config.resolve(&cfg_path)?;
         let weights = TensorFiles::open_dir(&dir)?;
-        check_layer_counts(&resolved, &weights, &cfg_path)?;
+        check_layer_counts(&resolved, &weights)?;
         Ok(UNet {
             dir,
             config,
@@ -95,11 +94,7 @@ impl UNet {
 /// The config's layer counts against the checkpoint: every tensor of a block layer
 /// (`down_blocks.*`, `mid_block.*`, `up_blocks.*`) must be read by the graph the config builds.
 /// (Missing tensors are found by the graph's weight check.)
-fn check_layer_counts(
-    cfg: &Resolved,
-    weights: &TensorFiles,
-    cfg_path: &Path,
-) -> Result<(), ModelError> {
+fn check_layer_counts(cfg: &Resolved, weights: &TensorFiles) -> Result<(), ModelError> {
     let g = build(cfg, InputSpec::new(1, 8, 8))?;
     let used: std::collections::HashSet<String> =
         g.weight_list().into_iter().map(|(n, _)| n).collect();
@@ -129,7 +124,6 @@ fn check_layer_counts(
     let example = example.to_string();
     Err(ModelError::Unused {
         weights: weights.origin().to_path_buf(),
-        config: cfg_path.to_path_buf(),
         count: unused.len(),
         example,
         field,
