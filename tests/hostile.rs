@@ -634,3 +634,41 @@ fn a_run_writes_all_its_outputs_or_none() {
     ]);
     assert!(dir.path().join("swap_0.png").is_file() && dir.path().join("swap_1.png").is_file());
 }
+
+#[test]
+fn check_finite_flag_and_suspicious_values_warn() {
+    let dir = tempfile::tempdir().unwrap();
+    // --check-finite on sound inputs: every node checked, the output as without it.
+    let out = dir.path().join("o.safetensors");
+    let (ok, _, err) = rewire(&[
+        "forward",
+        "models/tiny-sd",
+        "--check-finite",
+        "--inputs",
+        s(&case("baseline")),
+        "--out",
+        s(&out),
+    ]);
+    assert!(ok, "{err}");
+    assert!(expected(&out, "out").max_abs_diff(&expected(&case("baseline"), "out")) <= 1e-4);
+    // A legal but suspicious guidance runs, with a warning.
+    let png = dir.path().join("g.png");
+    let (ok, _, err) = rewire(&[
+        "run",
+        "models/tiny-sd",
+        "--prompt",
+        "x",
+        "--steps",
+        "1",
+        "--guidance",
+        "5000",
+        "-o",
+        s(&png),
+    ]);
+    assert!(err.contains("warning: --guidance 5000"), "{err}");
+    // Either it ran, or an overflow was caught and named; never a silent NaN picture.
+    assert!(
+        ok || err.contains("non-finite") || err.contains("holds"),
+        "{err}"
+    );
+}
