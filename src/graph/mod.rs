@@ -614,7 +614,13 @@ impl Op {
                 dim, shift, batch, ..
             } => {
                 count("dim", *dim, MAX_CHANNELS, "MAX_CHANNELS")?;
-                count("batch", *batch, crate::limits::MAX_BATCH, "MAX_BATCH")?;
+                // SDXL's text_time projection runs over batch × time ids.
+                count(
+                    "batch",
+                    *batch,
+                    crate::limits::MAX_BATCH * crate::limits::MAX_TEXT_LEN,
+                    "MAX_BATCH·MAX_TEXT_LEN",
+                )?;
                 want(
                     shift.is_finite() && (((dim / 2) as f64) - shift).abs() > 0.5,
                     format!("shift = {shift} does not fit a {dim}-wide projection"),
