@@ -616,7 +616,7 @@ impl Kernel {
             }
             Kernel::Attention { heads, imp } => {
                 let (q, k, v) = (arg(0).r3(), arg(1).r3(), arg(2).r3());
-                Value::R3(attend(q, k, v, *heads, *imp))
+                Value::R3(attend_nan_safe(q, k, v, *heads, *imp))
             }
             Kernel::FeedForward { proj, out } => {
                 let x = arg(0).r3();
@@ -746,7 +746,7 @@ impl Kernel {
                 if rest.is_empty() {
                     Value::R3(pick(mixed, &inverse(items), &dev))
                 } else {
-                    let o = attend(
+                    let o = attend_nan_safe(
                         pick(q, &rest, &dev),
                         pick(k, &rest, &dev),
                         pick(v, &rest, &dev),
@@ -763,6 +763,25 @@ impl Kernel {
 
 fn scaled<const D: usize>(t: Tensor<D>, s: f64) -> Tensor<D> {
     if s == 1.0 { t } else { t * s }
+}
+
+/// [`attend`] that never turns NaN into numbers: fused kernels keep a running maximum that
+/// skips NaN, so a NaN query, key or value could come out finite. Adds 0 to every output, or
+/// NaN when any input holds NaN or ±Inf (`x · 0` is NaN exactly for those).
+pub fn attend_nan_safe(
+    q: Tensor<3>,
+    k: Tensor<3>,
+    v: Tensor<3>,
+    heads: usize,
+    imp: AttentionImpl,
+) -> Tensor<3> {
+    let poison = nan_or_zero(q.clone()) + nan_or_zero(k.clone()) + nan_or_zero(v.clone());
+    attend(q, k, v, heads, imp) + poison.reshape([1, 1, 1])
+}
+
+/// A one-element tensor: 0 when `t` is finite, NaN otherwise.
+fn nan_or_zero(t: Tensor<3>) -> Tensor<1> {
+    (t * 0.0).sum()
 }
 
 fn reshape(x: Value, shape: &[usize]) -> Value {
@@ -829,7 +848,6 @@ pub fn attend(
 ) -> Tensor<3> {
     let [b, n, c] = q.dims();
     let cv = v.dims()[2];
-    let (q_in, k_in, v_in) = (q.clone(), k.clone(), v.clone());
     let (q, k, v) = (
         split_heads(q, heads),
         split_heads(k, heads),
@@ -843,13 +861,5 @@ pub fn attend(
             burn::tensor::activation::softmax(s, 3).matmul(v)
         }
     };
-    // Fused kernels keep a running maximum that skips NaN, so a NaN query, key or value could
-    // come out finite: add 0 (or NaN, when any input holds NaN or ±Inf) to every output.
-    let poison = nan_or_zero(q_in) + nan_or_zero(k_in) + nan_or_zero(v_in);
-    o.swap_dims(1, 2).reshape([b, n, cv]) + poison.reshape([1, 1, 1])
-}
-
-/// A one-element tensor: 0 when `t` is finite, NaN otherwise (`x · 0` is NaN for NaN and ±Inf).
-fn nan_or_zero(t: Tensor<3>) -> Tensor<1> {
-    (t * 0.0).sum()
+    o.swap_dims(1, 2).reshape([b, n, cv])
 }
