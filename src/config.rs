@@ -44,6 +44,14 @@ pub enum ConfigError {
     },
     #[error("{path}: {message}")]
     Invalid { path: PathBuf, message: String },
+    #[error(
+        "{path}: `{field}` = {source}\n  hint: no published Stable Diffusion UNet comes near this; check the config"
+    )]
+    Limit {
+        path: PathBuf,
+        field: String,
+        source: crate::limits::Exceeded,
+    },
 }
 
 /// An int, or one int per block (diffusers accepts both for several fields).
@@ -313,10 +321,18 @@ pub struct Resolved {
 impl UNetConfig {
     /// Reads `config.json` from `path` (a file, a `unet/` folder or a pipeline folder).
     pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.to_path_buf(),
-            source,
-        })?;
+        use crate::limits::{MAX_CONFIG_BYTES, ReadError, read_text_capped};
+        let text =
+            read_text_capped(path, MAX_CONFIG_BYTES, "MAX_CONFIG_BYTES").map_err(|e| match e {
+                ReadError::Io(source) => ConfigError::Read {
+                    path: path.to_path_buf(),
+                    source,
+                },
+                other => ConfigError::Invalid {
+                    path: path.to_path_buf(),
+                    message: other.to_string(),
+                },
+            })?;
         Self::from_json(&text, path)
     }
 
@@ -462,6 +478,125 @@ impl UNetConfig {
             }
         };
         let heads = per(heads_src.0, heads_src.1)?;
+        {
+            use crate::limits::*;
+            let limit = |field: &str, v: &[usize], max: usize, name: &'static str| {
+                for (i, &x) in v.iter().enumerate() {
+                    at_most(x, max, name).map_err(|source| ConfigError::Limit {
+                        path: p(),
+                        field: if v.len() == 1 {
+                            field.to_string()
+                        } else {
+                            format!("{field}[{i}]")
+                        },
+                        source,
+                    })?;
+                }
+                Ok::<(), ConfigError>(())
+            };
+            limit("block_out_channels", &[n], MAX_BLOCKS, "MAX_BLOCKS")?;
+            limit(
+                "layers_per_block",
+                &layers,
+                MAX_LAYERS_PER_BLOCK,
+                "MAX_LAYERS_PER_BLOCK",
+            )?;
+            limit(
+                "transformer_layers_per_block",
+                &tlayers,
+                MAX_TRANSFORMER_LAYERS,
+                "MAX_TRANSFORMER_LAYERS",
+            )?;
+            limit("cross_attention_dim", &cross, MAX_CHANNELS, "MAX_CHANNELS")?;
+            limit(
+                "block_out_channels",
+                &self.block_out_channels,
+                MAX_CHANNELS,
+                "MAX_CHANNELS",
+            )?;
+            limit(heads_src.0, &heads, MAX_HEADS, "MAX_HEADS")?;
+            for (field, v) in [
+                ("in_channels", self.in_channels),
+                ("out_channels", self.out_channels),
+                (
+                    "addition_time_embed_dim",
+                    self.addition_time_embed_dim.unwrap_or(0),
+                ),
+                (
+                    "projection_class_embeddings_input_dim",
+                    self.projection_class_embeddings_input_dim.unwrap_or(0),
+                ),
+            ] {
+                limit(field, &[v], MAX_CHANNELS, "MAX_CHANNELS")?;
+            }
+            for (field, v) in [
+                ("conv_in_kernel", self.conv_in_kernel),
+                ("conv_out_kernel", self.conv_out_kernel),
+                ("downsample_padding", self.downsample_padding),
+            ] {
+                limit(field, &[v], MAX_KERNEL, "MAX_KERNEL")?;
+            }
+            if let Some(i) = layers.iter().position(|&l| l == 0) {
+                return Err(ConfigError::Invalid {
+                    path: p(),
+                    message: format!(
+                        "`layers_per_block` is 0 for block {i}\n  hint: every block has at least one resnet (SD: 2)"
+                    ),
+                });
+            }
+            for (field, v) in [
+                ("in_channels", self.in_channels),
+                ("out_channels", self.out_channels),
+            ] {
+                if v == 0 {
+                    return Err(ConfigError::Invalid {
+                        path: p(),
+                        message: format!("`{field}` is 0\n  hint: SD UNets have 4 latent channels"),
+                    });
+                }
+            }
+            for (field, v) in [
+                ("norm_eps", self.norm_eps),
+                ("freq_shift", self.freq_shift),
+                ("mid_block_scale_factor", self.mid_block_scale_factor),
+                ("resnet_out_scale_factor", self.resnet_out_scale_factor),
+            ] {
+                if !v.is_finite() || (field == "norm_eps" && v <= 0.0) {
+                    return Err(ConfigError::Invalid {
+                        path: p(),
+                        message: format!(
+                            "`{field}` = {v} is not {}\n  hint: diffusers' default is {}",
+                            if field == "norm_eps" {
+                                "a finite number > 0"
+                            } else {
+                                "a finite number"
+                            },
+                            match field {
+                                "norm_eps" => "1e-5",
+                                "freq_shift" => "0",
+                                _ => "1.0",
+                            }
+                        ),
+                    });
+                }
+            }
+            if self.norm_eps > 1e6 {
+                return Err(ConfigError::Invalid {
+                    path: p(),
+                    message: format!(
+                        "`norm_eps` = {} is above 1e6: the normalisation would erase the signal\n  hint: diffusers' default is 1e-5",
+                        self.norm_eps
+                    ),
+                });
+            }
+            if self.norm_eps > 1.0 {
+                eprintln!(
+                    "warning: {}: `norm_eps` = {} is unusually large (diffusers' default is 1e-5)",
+                    path.display(),
+                    self.norm_eps
+                );
+            }
+        }
         let only_cross = match &self.only_cross_attention {
             None => vec![false; n],
             Some(PerBlockBool::One(b)) => vec![*b; n],

@@ -13,6 +13,7 @@ pub mod config;
 pub mod exec;
 pub mod graph;
 pub mod io;
+pub mod limits;
 pub mod picture;
 pub mod profile;
 pub mod pipeline;

@@ -22,6 +22,10 @@ use std::path::{Path, PathBuf};
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
+    /// Check every node's output for NaN and ±Inf (default: the inputs, each block's last node
+    /// and the outputs, rerun node by node when one fails); the error names the first node.
+    #[arg(long, global = true)]
+    check_finite: bool,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -171,7 +175,10 @@ fn spec_for(unet: &UNet, size: &Option<String>, batch: usize) -> Result<InputSpe
     if batch == 0 {
         bail!("--batch must be at least 1");
     }
-    Ok(InputSpec::new(batch, h, w))
+    let spec = InputSpec::new(batch, h, w);
+    spec.check()
+        .map_err(|e| anyhow::anyhow!("--batch {batch} --size {h}x{w}: {e}"))?;
+    Ok(spec)
 }
 
 fn open_graph(model: &Path, size: &Option<String>, batch: usize) -> Result<(UNet, Graph)> {
@@ -417,13 +424,13 @@ fn forward(a: ForwardArgs) -> Result<()> {
     let plan = Plan::lower(&graph, &unet.weights, &device, lower)?;
     let result = plan.run_host(&given.tensors)?;
     let y = result.get("out").context("the graph has no `out` output")?;
-    rewire::weights::write_f32(&a.out, &[("out".into(), y.shape.clone(), y.data.clone())])?;
-    eprintln!(
-        "wrote {} ({:?}) in {:.3}s",
-        a.out.display(),
-        y.shape,
-        t0.elapsed().as_secs_f64()
-    );
+    // `out` and the stores are written together or not at all.
+    let mut staged = rewire::weights::Staged::new();
+    let out_bytes =
+        rewire::weights::encode_f32(&a.out, &[("out".into(), y.shape.clone(), y.data.clone())])?;
+    staged
+        .stage(&a.out, &out_bytes)
+        .map_err(|e| rewire::weights::write_error(&a.out, e))?;
     let mut stored: Vec<(String, Vec<usize>, Vec<f32>)> = result
         .iter()
         .filter(|(k, _)| k.starts_with("probs."))
@@ -435,12 +442,34 @@ fn forward(a: ForwardArgs) -> Result<()> {
             .store_out
             .clone()
             .unwrap_or_else(|| a.out.with_extension("store.safetensors"));
-        rewire::weights::write_f32(&path, &stored)?;
+        let bytes = rewire::weights::encode_f32(&path, &stored)?;
+        staged
+            .stage(&path, &bytes)
+            .map_err(|e| rewire::weights::write_error(&path, e))?;
+        staged
+            .commit()
+            .map_err(|e| rewire::weights::write_error(&path, e))?;
+        eprintln!(
+            "wrote {} ({:?}) in {:.3}s",
+            a.out.display(),
+            y.shape,
+            t0.elapsed().as_secs_f64()
+        );
         eprintln!("wrote {} stored maps to {}", stored.len(), path.display());
     } else if let Some(p) = &a.store_out {
         bail!(
             "--store-out {}: the recipe stores nothing (it has no Store rewrite)",
             p.display()
+        );
+    } else {
+        staged
+            .commit()
+            .map_err(|e| rewire::weights::write_error(&a.out, e))?;
+        eprintln!(
+            "wrote {} ({:?}) in {:.3}s",
+            a.out.display(),
+            y.shape,
+            t0.elapsed().as_secs_f64()
         );
     }
     Ok(())
@@ -588,6 +617,8 @@ fn run_job(a: RunArgs) -> Result<()> {
             dir.display()
         );
     }
+    check_run_outputs(&a.output, a.prompt.len())?;
+    check_run_numbers(a.guidance, a.strength, &a.size, a.prompt.len())?;
     let pipe = Pipeline::open(&a.model, &device)?;
     let size = a
         .size
@@ -682,6 +713,14 @@ fn run_job(a: RunArgs) -> Result<()> {
         bar.set_position(i as u64)
     })?;
     bar.finish_and_clear();
+    // Every output is staged under a temporary name and renamed into place only when all of
+    // them are written: a run leaves all its files or none.
+    let mut staged = rewire::weights::Staged::new();
+    let stage = |staged: &mut rewire::weights::Staged, path: &Path, bytes: &[u8]| {
+        staged
+            .stage(path, bytes)
+            .map_err(|e| rewire::weights::write_error(path, e))
+    };
     let several = out.images.len() > 1;
     let mut rgb = Vec::new();
     for (i, img) in out.images.iter().enumerate() {
@@ -691,10 +730,10 @@ fn run_job(a: RunArgs) -> Result<()> {
             a.output.clone()
         };
         let im = rewire::picture::to_rgb(img)?;
-        rewire::picture::save_png(&im, &path)?;
-        eprintln!("wrote {}", path.display());
+        stage(&mut staged, &path, &rewire::picture::png_bytes(&im, &path)?)?;
         rgb.push(im);
     }
+    let mut stored = 0;
     if !out.stores.is_empty() {
         let path = sibling(&a.output, ".store", "safetensors");
         let t: Vec<(String, Vec<usize>, Vec<f32>)> = out
@@ -702,8 +741,8 @@ fn run_job(a: RunArgs) -> Result<()> {
             .iter()
             .map(|(k, v)| (k.clone(), v.shape.clone(), v.data.clone()))
             .collect();
-        rewire::weights::write_f32(&path, &t)?;
-        eprintln!("wrote {} stored maps to {}", t.len(), path.display());
+        stage(&mut staged, &path, &rewire::weights::encode_f32(&path, &t)?)?;
+        stored = t.len();
         for (i, im) in rgb.iter().enumerate() {
             let key = out.stores.keys().find(|k| {
                 k.starts_with("aggregate_cross_res")
@@ -724,10 +763,91 @@ fn run_job(a: RunArgs) -> Result<()> {
                     },
                     "png",
                 );
-                rewire::picture::save_png(&tiles, &path)?;
-                eprintln!("wrote {}", path.display());
+                stage(
+                    &mut staged,
+                    &path,
+                    &rewire::picture::png_bytes(&tiles, &path)?,
+                )?;
             }
         }
+    }
+    let paths: Vec<PathBuf> = staged.paths().map(Path::to_path_buf).collect();
+    staged
+        .commit()
+        .map_err(|e| rewire::weights::write_error(&a.output, e))?;
+    for p in paths {
+        if p.extension().is_some_and(|e| e == "safetensors") {
+            eprintln!("wrote {stored} stored maps to {}", p.display());
+        } else {
+            eprintln!("wrote {}", p.display());
+        }
+    }
+    Ok(())
+}
+
+/// `-o` of a run: a `.png` name that is a new path or a regular file (the other outputs are its
+/// siblings, checked when staged).
+fn check_run_outputs(output: &Path, prompts: usize) -> Result<()> {
+    let ext = output
+        .extension()
+        .map(|e| e.to_string_lossy().to_ascii_lowercase());
+    if ext.as_deref() != Some("png") {
+        bail!(
+            "-o {}: rewire run writes PNG pictures (extension {:?})\n  hint: name the output *.png{}",
+            output.display(),
+            ext.unwrap_or_default(),
+            if prompts > 1 {
+                " (several prompts write NAME_0.png, NAME_1.png, ...)"
+            } else {
+                ""
+            }
+        );
+    }
+    rewire::weights::check_output(output).map_err(|e| rewire::weights::write_error(output, e))?;
+    Ok(())
+}
+
+/// The numbers of a run checked before anything is loaded: guidance and strength finite, the
+/// batch and the image size within [`rewire::limits`].
+fn check_run_numbers(
+    guidance: f32,
+    strength: f32,
+    size: &Option<String>,
+    prompts: usize,
+) -> Result<()> {
+    use rewire::limits::{MAX_BATCH, MAX_LATENT_AREA, MAX_LATENT_SIDE, at_most};
+    if !guidance.is_finite() {
+        bail!("--guidance {guidance} is not a finite number\n  hint: SD uses about 7.5");
+    }
+    if !strength.is_finite() {
+        bail!("--strength {strength} is not a finite number\n  hint: use a value in (0, 1]");
+    }
+    if guidance.abs() > 1000.0 {
+        eprintln!("warning: --guidance {guidance} is far outside the usual 1 to 20");
+    }
+    at_most(prompts.saturating_mul(2), MAX_BATCH, "MAX_BATCH").map_err(|e| {
+        anyhow::anyhow!(
+            "{prompts} prompts make a batch of {}: {e}\n  hint: run fewer prompts at once",
+            prompts.saturating_mul(2)
+        )
+    })?;
+    if let Some(s) = size
+        && let Some((w, h)) = s.split_once(['x', 'X'])
+        && let (Ok(w), Ok(h)) = (w.trim().parse::<usize>(), h.trim().parse::<usize>())
+    {
+        // The latent is the image / 8 for every SD VAE.
+        let side = MAX_LATENT_SIDE * 8;
+        let area = (w / 8).saturating_mul(h / 8);
+        if w > side || h > side {
+            bail!(
+                "--size {s}: a side is above {side} pixels (src/limits.rs: MAX_LATENT_SIDE × 8)\n  hint: SD 1.x makes 512x512, SDXL 1024x1024"
+            );
+        }
+        at_most(area, MAX_LATENT_AREA, "MAX_LATENT_AREA").map_err(|e| {
+            anyhow::anyhow!(
+                "--size {s}: the latent has {area} positions: {e}\n  hint: SD 1.x makes 512x512, SDXL 1024x1024"
+            )
+        })?;
     }
     Ok(())
 }
@@ -798,6 +918,9 @@ fn explain(c: &compile::Compiled) {
 
 fn main() {
     let cli = Cli::parse();
+    if cli.check_finite {
+        rewire::exec::set_default_finite_check(rewire::exec::FiniteCheck::EveryNode);
+    }
     if let Err(e) = run(cli) {
         eprintln!("error: {e:#}");
         std::process::exit(1);

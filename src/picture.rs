@@ -14,6 +14,14 @@ use std::path::{Path, PathBuf};
 pub enum PictureError {
     #[error("cannot write {path}: {reason}\n  hint: check that the folder exists and is writable")]
     Write { path: PathBuf, reason: String },
+    #[error(
+        "cannot write {path}: rewire writes PNG pictures, and the extension is {ext:?}\n  hint: name the output *.png"
+    )]
+    Extension { path: PathBuf, ext: String },
+    #[error(
+        "the decoded image holds {value} at flat index {index}\n  hint: the latents diverged (an extreme --guidance, a recipe weight, or a broken VAE); rerun with --check-finite to find the node"
+    )]
+    NonFinite { value: f32, index: usize },
     #[error("{what} has shape {shape:?}, expected {expected}")]
     Shape {
         what: String,
@@ -31,6 +39,12 @@ pub fn to_rgb(img: &HostTensor) -> Result<RgbImage, PictureError> {
             expected: "[H, W, 3]",
         });
     }
+    if let Some(i) = img.data.iter().position(|v| !v.is_finite()) {
+        return Err(PictureError::NonFinite {
+            value: img.data[i],
+            index: i,
+        });
+    }
     let (h, w) = (img.shape[0], img.shape[1]);
     let px: Vec<u8> = img
         .data
@@ -40,19 +54,37 @@ pub fn to_rgb(img: &HostTensor) -> Result<RgbImage, PictureError> {
     Ok(RgbImage::from_raw(w as u32, h as u32, px).expect("buffer matches the shape"))
 }
 
-/// Saves a PNG through a temporary name.
-pub fn save_png(img: &RgbImage, path: &Path) -> Result<(), PictureError> {
-    let err = |reason: String| PictureError::Write {
-        path: path.to_path_buf(),
-        reason,
-    };
+/// PNG bytes of a picture to be written at `path`: the extension must be `.png` (any case);
+/// another extension, or none, is an error rather than PNG bytes under a misleading name.
+pub fn png_bytes(img: &RgbImage, path: &Path) -> Result<Vec<u8>, PictureError> {
+    let ext = path
+        .extension()
+        .map(|e| e.to_string_lossy().to_ascii_lowercase());
+    if ext.as_deref() != Some("png") {
+        return Err(PictureError::Extension {
+            path: path.to_path_buf(),
+            ext: ext.unwrap_or_default(),
+        });
+    }
     let mut bytes = Vec::new();
     img.write_to(
         &mut std::io::Cursor::new(&mut bytes),
         image::ImageFormat::Png,
     )
-    .map_err(|e| err(e.to_string()))?;
-    crate::weights::write_atomic(path, &bytes).map_err(|e| err(e.to_string()))
+    .map_err(|e| PictureError::Write {
+        path: path.to_path_buf(),
+        reason: e.to_string(),
+    })?;
+    Ok(bytes)
+}
+
+/// Saves a PNG through a temporary name (the path must end in `.png`).
+pub fn save_png(img: &RgbImage, path: &Path) -> Result<(), PictureError> {
+    let bytes = png_bytes(img, path)?;
+    crate::weights::write_atomic(path, &bytes).map_err(|e| PictureError::Write {
+        path: path.to_path_buf(),
+        reason: e.to_string(),
+    })
 }
 
 fn draw_text(img: &mut RgbImage, text: &str, x0: u32, y0: u32, scale: u32) {

@@ -601,6 +601,7 @@ impl Pipeline {
         .map_err(component("scheduler"))?;
         sched
             .set_timesteps(opts.steps)
+            .and_then(|()| sched.check_schedule())
             .map_err(component("scheduler"))?;
         let mut timesteps = sched.timesteps().to_vec();
         if opts.init_image.is_some() {

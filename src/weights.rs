@@ -47,6 +47,25 @@ pub enum WeightError {
     },
     #[error("cannot write {path}: {reason}")]
     Write { path: PathBuf, reason: String },
+    #[error(
+        "tensor `{name}` in {path} holds {value} at flat index {index}\n  hint: the file is corrupted or was saved from a diverged model; rewire refuses non-finite numbers"
+    )]
+    NonFinite {
+        name: String,
+        path: PathBuf,
+        index: usize,
+        value: f32,
+    },
+    #[error(
+        "{index}: shard `{file}` is outside the model folder {dir}\n  hint: an index may only name files in its own folder"
+    )]
+    OutsideFolder {
+        index: PathBuf,
+        file: String,
+        dir: PathBuf,
+    },
+    #[error("cannot write {path}: {reason}\n  hint: give a new path or a regular file to replace")]
+    NotAFile { path: PathBuf, reason: String },
 }
 
 struct Entry {
@@ -103,10 +122,18 @@ impl TensorFiles {
 
     /// Opens the shards listed by a `*.safetensors.index.json`.
     pub fn open_index(index: &Path) -> Result<Self, WeightError> {
-        let text = std::fs::read_to_string(index).map_err(|source| WeightError::Open {
-            path: index.to_path_buf(),
-            source,
-        })?;
+        use crate::limits::{MAX_CONFIG_BYTES, ReadError, read_text_capped};
+        let text =
+            read_text_capped(index, MAX_CONFIG_BYTES, "MAX_CONFIG_BYTES").map_err(|e| match e {
+                ReadError::Io(source) => WeightError::Open {
+                    path: index.to_path_buf(),
+                    source,
+                },
+                other => WeightError::Index {
+                    path: index.to_path_buf(),
+                    reason: other.to_string(),
+                },
+            })?;
         #[derive(serde::Deserialize)]
         struct Index {
             weight_map: BTreeMap<String, String>,
@@ -126,7 +153,7 @@ impl TensorFiles {
             origin: index.to_path_buf(),
         };
         for (file, names) in shards {
-            files.add(&dir.join(file), Some(&names))?;
+            files.add(&shard_path(index, dir, file)?, Some(&names))?;
         }
         Ok(files)
     }
@@ -137,6 +164,7 @@ impl TensorFiles {
             path: path.to_path_buf(),
             reason,
         };
+        check_header(&map).map_err(corrupt)?;
         let st = SafeTensors::deserialize(&map).map_err(|e| corrupt(e.to_string()))?;
         let base = map.as_ptr() as usize;
         let file = self.maps.len();
@@ -274,6 +302,15 @@ impl TensorFiles {
                 });
             }
         };
+        let values: Vec<f32> = values;
+        if let Some((index, &value)) = values.iter().enumerate().find(|(_, v)| !v.is_finite()) {
+            return Err(WeightError::NonFinite {
+                name: name.to_string(),
+                path: self.path_of(e),
+                index,
+                value,
+            });
+        }
         Ok((e.shape.clone(), values))
     }
 
@@ -353,7 +390,116 @@ pub fn write_as(
         })
         .collect::<Result<Vec<_>, _>>()?;
     let data = safetensors::serialize(views, None).map_err(|e| err(e.to_string()))?;
-    write_atomic(path, &data).map_err(|e| err(e.to_string()))
+    write_atomic(path, &data).map_err(|e| write_error(path, e))
+}
+
+/// Safetensors bytes of f32 tensors (for [`Staged`] writes).
+pub fn encode_f32(
+    path: &Path,
+    tensors: &[(String, Vec<usize>, Vec<f32>)],
+) -> Result<Vec<u8>, WeightError> {
+    let err = |reason: String| WeightError::Write {
+        path: path.to_path_buf(),
+        reason,
+    };
+    let bytes: Vec<Vec<u8>> = tensors
+        .iter()
+        .map(|(_, _, v)| v.iter().flat_map(|x| x.to_le_bytes()).collect())
+        .collect();
+    let views = tensors
+        .iter()
+        .zip(&bytes)
+        .map(|((name, shape, _), b)| {
+            safetensors::tensor::TensorView::new(Dtype::F32, shape.clone(), b)
+                .map(|v| (name.clone(), v))
+                .map_err(|e| err(e.to_string()))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    safetensors::serialize(views, None).map_err(|e| err(e.to_string()))
+}
+
+/// A write error: [`WeightError::NotAFile`] for a path that is not a regular file.
+pub fn write_error(path: &Path, e: std::io::Error) -> WeightError {
+    if e.kind() == std::io::ErrorKind::InvalidInput {
+        WeightError::NotAFile {
+            path: path.to_path_buf(),
+            reason: e.to_string(),
+        }
+    } else {
+        WeightError::Write {
+            path: path.to_path_buf(),
+            reason: e.to_string(),
+        }
+    }
+}
+
+/// A shard named by an index, resolved inside the index's folder: a plain relative file name
+/// (no absolute path, no `..`), and after following links still inside the folder.
+fn shard_path(index: &Path, dir: &Path, file: &str) -> Result<PathBuf, WeightError> {
+    use std::path::Component;
+    let outside = || WeightError::OutsideFolder {
+        index: index.to_path_buf(),
+        file: file.to_string(),
+        dir: dir.to_path_buf(),
+    };
+    let rel = Path::new(file);
+    if file.is_empty() || !rel.components().all(|c| matches!(c, Component::Normal(_))) {
+        return Err(outside());
+    }
+    let path = dir.join(rel);
+    // Links are followed only when both sides resolve; a missing shard is reported on open.
+    if let (Ok(real_dir), Ok(real)) = (dir.canonicalize(), path.canonicalize())
+        && !real.starts_with(&real_dir)
+    {
+        return Err(outside());
+    }
+    Ok(path)
+}
+
+/// Checks a safetensors header before the safetensors crate reads it: its length against
+/// [`crate::limits::MAX_HEADER_BYTES`], and no tensor name twice (the crate keeps the last one
+/// silently).
+fn check_header(bytes: &[u8]) -> Result<(), String> {
+    use serde::de::{Deserializer, IgnoredAny, MapAccess, Visitor};
+    let Some(len) = bytes.get(..8) else {
+        return Ok(()); // the crate reports the truncation
+    };
+    let n = u64::from_le_bytes(len.try_into().expect("8 bytes"));
+    if n > crate::limits::MAX_HEADER_BYTES {
+        return Err(format!(
+            "header of {n} bytes is above the limit of {} (src/limits.rs: MAX_HEADER_BYTES)",
+            crate::limits::MAX_HEADER_BYTES
+        ));
+    }
+    let Some(header) = bytes.get(8..8 + n as usize) else {
+        return Ok(());
+    };
+    struct Keys;
+    impl<'de> Visitor<'de> for Keys {
+        type Value = Option<String>;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("a JSON object")
+        }
+        fn visit_map<A: MapAccess<'de>>(self, mut m: A) -> Result<Self::Value, A::Error> {
+            let mut seen = std::collections::HashSet::new();
+            let mut dup = None;
+            while let Some(k) = m.next_key::<String>()? {
+                m.next_value::<IgnoredAny>()?;
+                if !seen.insert(k.clone()) && dup.is_none() {
+                    dup = Some(k);
+                }
+            }
+            Ok(dup)
+        }
+    }
+    let mut de = serde_json::Deserializer::from_slice(header);
+    match de.deserialize_map(Keys) {
+        Ok(Some(dup)) => Err(format!(
+            "the header names tensor `{dup}` twice (which one is meant is ambiguous)"
+        )),
+        // Anything else malformed is the crate's to report, with its own message.
+        _ => Ok(()),
+    }
 }
 
 /// Where a model's weights come from: checkpoint files, or generated random weights.
@@ -442,19 +588,105 @@ impl WeightSource for RandomWeights {
     }
 }
 
-/// Writes bytes through a sibling temporary file and a rename.
-pub fn write_atomic(path: &Path, data: &[u8]) -> std::io::Result<()> {
-    let dir = match path.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d,
-        _ => Path::new("."),
+/// Checks that `path` may be written by a temporary-then-rename write: a new path, or an
+/// existing regular file. A directory, a device (`/dev/full`), a FIFO or a symbolic link is an
+/// [`std::io::ErrorKind::InvalidInput`] error (the rename would replace the node or the link
+/// itself, not write through it).
+pub fn check_output(path: &Path) -> std::io::Result<()> {
+    let bad = |what: &str| {
+        Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!("{} is {what}, not a regular file", path.display()),
+        ))
     };
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "out".into());
-    let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
-    std::fs::write(&tmp, data)?;
-    std::fs::rename(&tmp, path).inspect_err(|_| {
-        let _ = std::fs::remove_file(&tmp);
-    })
+    match std::fs::symlink_metadata(path) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e),
+        Ok(m) => {
+            let t = m.file_type();
+            if t.is_file() {
+                Ok(())
+            } else if t.is_dir() {
+                bad("a directory")
+            } else if t.is_symlink() {
+                bad("a symbolic link")
+            } else {
+                bad("a device, FIFO or socket")
+            }
+        }
+    }
+}
+
+/// Files written under temporary names and renamed into place together by [`Staged::commit`]:
+/// a run writes all its outputs or none. Dropped uncommitted, it removes what it staged.
+#[derive(Debug, Default)]
+pub struct Staged {
+    /// (temporary, final) paths.
+    files: Vec<(PathBuf, PathBuf)>,
+}
+
+impl Staged {
+    pub fn new() -> Self {
+        Staged::default()
+    }
+
+    /// Writes `data` to a sibling temporary of `path` (after [`check_output`]).
+    pub fn stage(&mut self, path: &Path, data: &[u8]) -> std::io::Result<()> {
+        check_output(path)?;
+        if self.files.iter().any(|(_, p)| p == path) {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                format!("{} is written twice by one run", path.display()),
+            ));
+        }
+        let dir = match path.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d,
+            _ => Path::new("."),
+        };
+        let name = path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "out".into());
+        let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
+        self.files.push((tmp.clone(), path.to_path_buf()));
+        std::fs::write(&tmp, data)
+    }
+
+    /// The final paths, in staging order.
+    pub fn paths(&self) -> impl Iterator<Item = &Path> {
+        self.files.iter().map(|(_, p)| p.as_path())
+    }
+
+    /// Renames every staged file into place (each path checked again first).
+    pub fn commit(mut self) -> std::io::Result<()> {
+        for (_, path) in &self.files {
+            check_output(path)?;
+        }
+        let files = std::mem::take(&mut self.files);
+        for (i, (tmp, path)) in files.iter().enumerate() {
+            if let Err(e) = std::fs::rename(tmp, path) {
+                for (t, _) in &files[i..] {
+                    let _ = std::fs::remove_file(t);
+                }
+                return Err(e);
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Staged {
+    fn drop(&mut self) {
+        for (tmp, _) in &self.files {
+            let _ = std::fs::remove_file(tmp);
+        }
+    }
+}
+
+/// Writes bytes through a sibling temporary file and a rename; refuses a path that is not a new
+/// path or a regular file ([`check_output`]).
+pub fn write_atomic(path: &Path, data: &[u8]) -> std::io::Result<()> {
+    let mut s = Staged::new();
+    s.stage(path, data)?;
+    s.commit()
 }

@@ -193,6 +193,25 @@ pub fn compile(
     compile_graph(src, &base, opts)
 }
 
+/// A token's combined weight (the product of every weight naming it in one rewrite) must stay
+/// within [`crate::limits::MAX_REWEIGHT`].
+fn reweight_product(src: &Source, path: &[Seg], w: f32) -> Result<(), CompileError> {
+    if w <= crate::limits::MAX_REWEIGHT {
+        return Ok(());
+    }
+    Err(src
+        .error(
+            path,
+            "weight",
+            format!(
+                "the weights naming this token multiply to {w}, above {} (src/limits.rs: MAX_REWEIGHT)",
+                crate::limits::MAX_REWEIGHT
+            ),
+            "a token named by both tokens: and words: gets the product of its weights",
+        )
+        .into())
+}
+
 /// As [`compile`], on an already built and checked graph.
 pub fn compile_graph(
     src: &Source,
@@ -380,17 +399,21 @@ pub fn compile_graph(
                             .error(&p, "token-range", format!("token index {t} is outside the text of {text_len} tokens"), format!("token positions run 0..{text_len}; position 0 is the start token, the prompt's words start at 1"))
                             .into());
                     }
-                    if !(x.is_finite() && x >= 0.0) {
+                    if !(x.is_finite() && (0.0..=crate::limits::MAX_REWEIGHT).contains(&x)) {
                         return Err(src
                             .error(
                                 &p,
                                 "weight",
-                                format!("weight {x} for token {t} is not a finite number ≥ 0"),
-                                "attention weights scale probabilities: use values ≥ 0",
+                                format!(
+                                    "weight {x} for token {t} is not a number in [0, {}] (src/limits.rs: MAX_REWEIGHT)",
+                                    crate::limits::MAX_REWEIGHT
+                                ),
+                                "attention weights scale probabilities: prompt-to-prompt uses 0 to about 10",
                             )
                             .into());
                     }
                     w[t] *= x;
+                    reweight_product(src, &p, w[t])?;
                 }
                 for (word, &x) in words {
                     let p = at(
@@ -401,13 +424,26 @@ pub fn compile_graph(
                             Seg::Key(word.clone()),
                         ],
                     );
-                    if !(x.is_finite() && x >= 0.0) {
+                    if word.trim().is_empty() {
+                        return Err(src
+                            .error(
+                                &p,
+                                "word",
+                                format!("word {word:?} is empty"),
+                                "name a word of the prompt, e.g. Reweight(words: {\"cat\": 2.0})",
+                            )
+                            .into());
+                    }
+                    if !(x.is_finite() && (0.0..=crate::limits::MAX_REWEIGHT).contains(&x)) {
                         return Err(src
                             .error(
                                 &p,
                                 "weight",
-                                format!("weight {x} for \"{word}\" is not a finite number ≥ 0"),
-                                "attention weights scale probabilities: use values ≥ 0",
+                                format!(
+                                    "weight {x} for \"{word}\" is not a number in [0, {}] (src/limits.rs: MAX_REWEIGHT)",
+                                    crate::limits::MAX_REWEIGHT
+                                ),
+                                "attention weights scale probabilities: prompt-to-prompt uses 0 to about 10",
                             )
                             .into());
                     }
@@ -417,6 +453,7 @@ pub fn compile_graph(
                                 for &t in pos {
                                     if t < text_len {
                                         w[t] *= x;
+                                        reweight_product(src, &p, w[t])?;
                                     }
                                 }
                             }
@@ -444,7 +481,8 @@ pub fn compile_graph(
                                 .into());
                         }
                         None => {
-                            if !unbound_words.contains(&i) {
+                            // Rewrites are visited in order: checking the last suffices.
+                            if unbound_words.last() != Some(&i) {
                                 unbound_words.push(i);
                             }
                         }
@@ -735,6 +773,18 @@ pub fn compile_graph(
             cuts.insert(b.min(n));
         }
         let cuts: Vec<usize> = cuts.into_iter().collect();
+        if let Err(e) =
+            crate::limits::at_most(cuts.len() - 1, crate::limits::MAX_SEGMENTS, "MAX_SEGMENTS")
+        {
+            return Err(src
+                .error(
+                    &at(ranged[0], &[Seg::Field("steps")]),
+                    "steps",
+                    format!("the recipe's step ranges cut the run into too many segments: {e}"),
+                    "use fewer distinct step ranges (each segment is a graph of its own)",
+                )
+                .into());
+        }
         let mut segs: Vec<(usize, usize, Vec<bool>)> = Vec::new();
         for w in cuts.windows(2) {
             let active: Vec<bool> = recipe
@@ -789,108 +839,130 @@ pub fn compile_graph(
     }
 
     // ---- order: two rewrites on one layer whose order matters must state it ----
-    for (path, ls) in &landings {
-        for (x, a) in ls.iter().enumerate() {
-            for b in &ls[x + 1..] {
-                let (ra, rb) = (&recipe.rewrites[a.rewrite], &recipe.rewrites[b.rewrite]);
-                if overlap_in_time(ra.steps, rb.steps, opts.steps) {
-                    let clash = match (&ra.op, &rb.op) {
-                        (RewriteOp::Store { .. }, RewriteOp::Store { .. }) => Some(format!(
-                            "rewrites {} and {} both Store {path}: one Store per layer (both would write probs.{path})",
-                            a.rewrite, b.rewrite
-                        )),
-                        (
-                            RewriteOp::ReplaceKv {
-                                source: crate::recipe::KvSource::Reference(x),
-                                ..
-                            },
-                            RewriteOp::ReplaceKv {
-                                source: crate::recipe::KvSource::Reference(y),
-                                ..
-                            },
-                        ) if x == y => Some(format!(
-                            "rewrites {} and {} both read reference \"{x}\" on {path}",
-                            a.rewrite, b.rewrite
-                        )),
-                        (RewriteOp::MergeTokens { .. }, RewriteOp::MergeTokens { .. }) => {
-                            Some(format!(
-                                "rewrites {} and {} both merge the tokens of {path}'s block",
-                                a.rewrite, b.rewrite
-                            ))
-                        }
-                        _ => None,
-                    };
-                    if let Some(message) = clash {
-                        return Err(src
-                            .error(
-                                &at(b.rewrite, &[]),
-                                "conflict",
-                                message,
-                                "keep one of them, or give them disjoint steps",
-                            )
-                            .into());
-                    }
-                    let merge_then_ref =
-                        |m: &crate::recipe::Rewrite, r: &crate::recipe::Rewrite| {
-                            m.op.is_kv()
-                                && !matches!(m.op, RewriteOp::ReplaceKv { .. })
-                                && matches!(
-                                    r.op,
-                                    RewriteOp::ReplaceKv {
-                                        source: crate::recipe::KvSource::Reference(_),
-                                        ..
-                                    }
-                                )
-                        };
-                    if merge_then_ref(ra, rb) || merge_then_ref(rb, ra) {
-                        return Err(src
-                            .error(
-                                &at(b.rewrite, &[]),
-                                "conflict",
-                                format!("rewrites {} and {} merge tokens and read a reference on {path}: the reference pass records the unmerged K/V input", a.rewrite, b.rewrite),
-                                "use the reference on other layers than the merge",
-                            )
-                            .into());
-                    }
-                }
-                if !order_matters(&ra.op, &rb.op) || a.items.iter().all(|i| !b.items.contains(i)) {
-                    continue;
-                }
-                if !overlap_in_time(ra.steps, rb.steps, opts.steps) {
-                    continue;
-                }
-                let (first, second) = if ra.order <= rb.order {
-                    (ra, rb)
-                } else {
-                    (rb, ra)
-                };
-                if matches!(first.op, RewriteOp::ReplaceKv { .. })
-                    && matches!(
-                        second.op,
-                        RewriteOp::MergeKv { .. } | RewriteOp::MergeTokens { .. }
+    // Only pairs with at least one rewrite other than a plain (not renormalised) Reweight can
+    // clash or depend on order, so the pairs checked are (others × all): linear in the number of
+    // rewrites for the common recipe of many reweights.
+    let check_pair = |path: &str, a: &Landing, b: &Landing| -> Result<(), CompileError> {
+        let (ra, rb) = (&recipe.rewrites[a.rewrite], &recipe.rewrites[b.rewrite]);
+        if overlap_in_time(ra.steps, rb.steps, opts.steps) {
+            let clash = match (&ra.op, &rb.op) {
+                (RewriteOp::Store { .. }, RewriteOp::Store { .. }) => Some(format!(
+                    "rewrites {} and {} both Store {path}: one Store per layer (both would write probs.{path})",
+                    a.rewrite, b.rewrite
+                )),
+                (
+                    RewriteOp::ReplaceKv {
+                        source: crate::recipe::KvSource::Reference(x),
+                        ..
+                    },
+                    RewriteOp::ReplaceKv {
+                        source: crate::recipe::KvSource::Reference(y),
+                        ..
+                    },
+                ) if x == y => Some(format!(
+                    "rewrites {} and {} both read reference \"{x}\" on {path}",
+                    a.rewrite, b.rewrite
+                )),
+                (RewriteOp::MergeTokens { .. }, RewriteOp::MergeTokens { .. }) => Some(format!(
+                    "rewrites {} and {} both merge the tokens of {path}'s block",
+                    a.rewrite, b.rewrite
+                )),
+                _ => None,
+            };
+            if let Some(message) = clash {
+                return Err(src
+                    .error(
+                        &at(b.rewrite, &[]),
+                        "conflict",
+                        message,
+                        "keep one of them, or give them disjoint steps",
                     )
-                    && ra.order.is_some()
-                    && rb.order.is_some()
-                {
-                    return Err(src
-                        .error(&at(b.rewrite, &[]), "order", format!("{} must come before ReplaceKv on {path}: merging needs the layer's own token grid", second.op.name()), "give the merge the lower order")
-                        .into());
+                    .into());
+            }
+            let merge_then_ref = |m: &crate::recipe::Rewrite, r: &crate::recipe::Rewrite| {
+                m.op.is_kv()
+                    && !matches!(m.op, RewriteOp::ReplaceKv { .. })
+                    && matches!(
+                        r.op,
+                        RewriteOp::ReplaceKv {
+                            source: crate::recipe::KvSource::Reference(_),
+                            ..
+                        }
+                    )
+            };
+            if merge_then_ref(ra, rb) || merge_then_ref(rb, ra) {
+                return Err(src
+                    .error(
+                        &at(b.rewrite, &[]),
+                        "conflict",
+                        format!("rewrites {} and {} merge tokens and read a reference on {path}: the reference pass records the unmerged K/V input", a.rewrite, b.rewrite),
+                        "use the reference on other layers than the merge",
+                    )
+                    .into());
+            }
+        }
+        if !order_matters(&ra.op, &rb.op) || a.items.iter().all(|i| !b.items.contains(i)) {
+            return Ok(());
+        }
+        if !overlap_in_time(ra.steps, rb.steps, opts.steps) {
+            return Ok(());
+        }
+        let (first, second) = if ra.order <= rb.order {
+            (ra, rb)
+        } else {
+            (rb, ra)
+        };
+        if matches!(first.op, RewriteOp::ReplaceKv { .. })
+            && matches!(
+                second.op,
+                RewriteOp::MergeKv { .. } | RewriteOp::MergeTokens { .. }
+            )
+            && ra.order.is_some()
+            && rb.order.is_some()
+        {
+            return Err(src
+                .error(&at(b.rewrite, &[]), "order", format!("{} must come before ReplaceKv on {path}: merging needs the layer's own token grid", second.op.name()), "give the merge the lower order")
+                .into());
+        }
+        match (ra.order, rb.order) {
+            (Some(p), Some(q)) if p != q => {}
+            _ => {
+                return Err(src
+                    .error(
+                        &at(b.rewrite, &[]),
+                        "order",
+                        format!(
+                            "rewrites {} ({}) and {} ({}) both act on {path} and their order matters",
+                            a.rewrite, ra.op.name(), b.rewrite, rb.op.name()
+                        ),
+                        "state it: add order: Some(0) to the one that applies first and order: Some(1) to the other",
+                    )
+                    .into());
+            }
+        }
+        Ok(())
+    };
+    let plain = |l: &Landing| {
+        matches!(
+            recipe.rewrites[l.rewrite].op,
+            RewriteOp::Reweight {
+                renormalize: false,
+                ..
+            }
+        )
+    };
+    for (path, ls) in &landings {
+        let others: Vec<usize> = (0..ls.len()).filter(|&x| !plain(&ls[x])).collect();
+        // Pairs (x, y), x < y, in order, skipping those of two plain reweights.
+        for x in 0..ls.len() {
+            if plain(&ls[x]) {
+                let from = others.partition_point(|&o| o <= x);
+                for &y in &others[from..] {
+                    check_pair(path, &ls[x], &ls[y])?;
                 }
-                match (ra.order, rb.order) {
-                    (Some(p), Some(q)) if p != q => {}
-                    _ => {
-                        return Err(src
-                            .error(
-                                &at(b.rewrite, &[]),
-                                "order",
-                                format!(
-                                    "rewrites {} ({}) and {} ({}) both act on {path} and their order matters",
-                                    a.rewrite, ra.op.name(), b.rewrite, rb.op.name()
-                                ),
-                                "state it: add order: Some(0) to the one that applies first and order: Some(1) to the other",
-                            )
-                            .into());
-                    }
+            } else {
+                for y in x + 1..ls.len() {
+                    check_pair(path, &ls[x], &ls[y])?;
                 }
             }
         }
@@ -1141,15 +1213,34 @@ fn apply_layer(
                     all[r * keys..(r + 1) * keys].copy_from_slice(&w[..keys]);
                     renorm[r] = *renormalize;
                 }
-                p = patch.add(
-                    path,
-                    Op::ProbsReweight {
-                        keys,
-                        weights: all,
-                        renormalize: renorm,
-                    },
-                    &[p],
-                );
+                // A reweight after one that renormalises nothing multiplies into it
+                // (P·w₁·w₂ = P·(w₁w₂)): thousands of reweights stay one node per layer, which
+                // keeps `check` linear in the number of rewrites.
+                if let Src::New(last) = p
+                    && let Some((
+                        _,
+                        Op::ProbsReweight {
+                            weights: pw,
+                            renormalize: pr,
+                            ..
+                        },
+                        _,
+                    )) = patch.nodes.get_mut(last)
+                    && pr.iter().all(|r| !r)
+                {
+                    pw.iter_mut().zip(&all).for_each(|(a, b)| *a *= b);
+                    *pr = renorm;
+                } else {
+                    p = patch.add(
+                        path,
+                        Op::ProbsReweight {
+                            keys,
+                            weights: all,
+                            renormalize: renorm,
+                        },
+                        &[p],
+                    );
+                }
             }
             RewriteOp::ReplaceMaps { from, to, .. } => {
                 p = patch.add(

@@ -2,6 +2,13 @@
 //! records the model's and the recipe's fingerprints and a checksum of its own content; loading
 //! refuses another model or a modified file, saying which.
 //!
+//! The checksum is a plain SHA-256 of the plan's own JSON: it detects accidental edits and
+//! corruption, not forgery (anyone can recompute it; it is not a signature). A plan is therefore
+//! untrusted input: loading reads at most [`crate::limits::MAX_PLAN_BYTES`], refuses another
+//! `format`, and [`PlanFile::compiled`] re-validates every node as a freshly compiled graph is
+//! (op fields, shapes, limits), and checks every op that reads weights or splits heads against
+//! the model's own graph at the same path.
+//!
 //! Try it: `rewire compile rewrites/reweight.ron --model models/tiny-sd -o /tmp/r.plan`.
 
 use super::{Compiled, LayerReport, Segment};
@@ -62,6 +69,9 @@ struct SegmentFile {
     layers: Vec<LayerReport>,
 }
 
+/// The plan format this build writes and reads.
+pub const PLAN_FORMAT: u32 = 1;
+
 /// The saved form of a compiled recipe.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct PlanFile {
@@ -109,7 +119,7 @@ impl PlanFile {
     /// Packs a compiled recipe.
     pub fn new(c: &Compiled, model_fingerprint: String, recipe_fingerprint: String) -> PlanFile {
         let mut p = PlanFile {
-            format: 1,
+            format: PLAN_FORMAT,
             rewire_version: env!("CARGO_PKG_VERSION").into(),
             recipe: c.recipe.clone(),
             model_fingerprint,
@@ -151,14 +161,30 @@ impl PlanFile {
 
     /// Loads a plan, checks its checksum and that it was made for `model_fingerprint`.
     pub fn load(path: &Path, model_fingerprint: &str) -> Result<PlanFile, PlanError> {
-        let bytes = std::fs::read(path).map_err(|source| PlanError::Read {
-            path: path.to_path_buf(),
-            source,
+        use crate::limits::{MAX_PLAN_BYTES, ReadError, read_capped};
+        let bytes = read_capped(path, MAX_PLAN_BYTES, "MAX_PLAN_BYTES").map_err(|e| match e {
+            ReadError::Io(source) => PlanError::Read {
+                path: path.to_path_buf(),
+                source,
+            },
+            other => PlanError::Format {
+                path: path.to_path_buf(),
+                reason: other.to_string(),
+            },
         })?;
         let p: PlanFile = serde_json::from_slice(&bytes).map_err(|e| PlanError::Format {
             path: path.to_path_buf(),
             reason: e.to_string(),
         })?;
+        if p.format != PLAN_FORMAT {
+            return Err(PlanError::Format {
+                path: path.to_path_buf(),
+                reason: format!(
+                    "`format` is {}, this rewire reads format {PLAN_FORMAT}",
+                    p.format
+                ),
+            });
+        }
         if p.digest() != p.checksum {
             return Err(PlanError::Tampered {
                 path: path.to_path_buf(),
@@ -176,15 +202,63 @@ impl PlanFile {
 
     /// Rebuilds the graphs (re-inferring every shape) as a compiled recipe.
     pub fn compiled(&self, path: &Path, base: &Graph) -> Result<Compiled, PlanError> {
+        let format = |reason: String| PlanError::Format {
+            path: path.to_path_buf(),
+            reason,
+        };
+        self.spec
+            .check()
+            .map_err(|e| format(format!("`spec`: {e}")))?;
+        if self.spec != base.spec {
+            return Err(format(format!(
+                "`spec` is {:?}, the model's graph was built for {:?}",
+                self.spec, base.spec
+            )));
+        }
+        if self.segments.is_empty() {
+            return Err(format("`segments` is empty".into()));
+        }
+        // The model's own ops by path: a plan's op that reads weights or splits heads must be one
+        // of them (a forged head count or eps would otherwise run).
+        let mut own: std::collections::HashMap<&str, Vec<&Op>> = std::collections::HashMap::new();
+        for n in base.g.node_indices().map(|i| &base.g[i]) {
+            own.entry(n.path.as_str()).or_default().push(&n.op);
+        }
         let mut segments = Vec::new();
         for (si, s) in self.segments.iter().enumerate() {
+            if let Err(e) = crate::limits::at_most(
+                s.nodes.len(),
+                crate::limits::MAX_PLAN_NODES,
+                "MAX_PLAN_NODES",
+            ) {
+                return Err(format(format!("segment {si}: too many nodes: {e}")));
+            }
+            if let Some((a, b)) = s.steps
+                && (a >= b || self.steps.is_some_and(|n| b > n))
+            {
+                return Err(format(format!(
+                    "segment {si}: steps {a}..{b} are not a range inside the run of {:?} steps",
+                    self.steps
+                )));
+            }
             let mut g = Graph::new(self.spec);
             let mut ids = Vec::with_capacity(s.nodes.len());
-            for n in &s.nodes {
+            for (ni, n) in s.nodes.iter().enumerate() {
+                if let Some(reason) =
+                    n.op.check_params()
+                        .err()
+                        .or_else(|| foreign_op(&own, &n.path, &n.op))
+                {
+                    return Err(format(format!(
+                        "segment {si}, node {ni} ({} [{}]): {reason}",
+                        n.path,
+                        n.op.name()
+                    )));
+                }
                 let ins: Option<Vec<_>> = n.inputs.iter().map(|&i| ids.get(i).copied()).collect();
                 let ins = ins.ok_or_else(|| PlanError::Format {
                     path: path.to_path_buf(),
-                    reason: format!("segment {si}: a node reads a later node"),
+                    reason: format!("segment {si}, node {ni}: a node reads a later node"),
                 })?;
                 let id = g
                     .add(n.path.clone(), n.op.clone(), &ins)
@@ -217,5 +291,38 @@ impl PlanFile {
             records: self.records.clone(),
             stores: self.stores.clone(),
         })
+    }
+}
+
+/// Why a plan's op is not one the model has at `path`, for ops that read weights or split heads;
+/// `None` when it is (or when the op is one a rewrite adds).
+fn foreign_op(
+    own: &std::collections::HashMap<&str, Vec<&Op>>,
+    path: &str,
+    op: &Op,
+) -> Option<String> {
+    let theirs = own.get(path).map(Vec::as_slice).unwrap_or(&[]);
+    match op {
+        Op::Attention(a) => {
+            let same = theirs.iter().any(|o| {
+                matches!(o, Op::Attention(b) if b.heads == a.heads && b.head_dim == a.head_dim && b.kind == a.kind)
+            });
+            (!same).then(|| {
+                format!(
+                    "{} heads × {} is not the model's attention at this path",
+                    a.heads, a.head_dim
+                )
+            })
+        }
+        Op::Input { name, shape } => {
+            let same = theirs.iter().any(|o| matches!(o, Op::Input { name: n, shape: s } if n == name && s == shape))
+                // A reference pass's recorded K/V input has no counterpart in the model.
+                || name.starts_with("ref.");
+            (!same).then(|| format!("input `{name}` {shape:?} is not one of the model's inputs"))
+        }
+        _ if !op.weights().is_empty() || matches!(op, Op::TimestepProj { .. }) => (!theirs
+            .contains(&op))
+        .then(|| "the op's fields differ from the model's op at this path".to_string()),
+        _ => None,
     }
 }

@@ -670,7 +670,7 @@ impl Kernel {
             }
             Kernel::Attention { heads, imp } => {
                 let (q, k, v) = (arg(0).r3(), arg(1).r3(), arg(2).r3());
-                Value::R3(attend(q, k, v, *heads, *imp))
+                Value::R3(attend_nan_safe(q, k, v, *heads, *imp))
             }
             Kernel::FeedForward { proj, out } => {
                 let x = arg(0).r3();
@@ -800,7 +800,7 @@ impl Kernel {
                 if rest.is_empty() {
                     Value::R3(pick(mixed, &inverse(items), &dev))
                 } else {
-                    let o = attend(
+                    let o = attend_nan_safe(
                         pick(q, &rest, &dev),
                         pick(k, &rest, &dev),
                         pick(v, &rest, &dev),
@@ -817,6 +817,25 @@ impl Kernel {
 
 fn scaled<const D: usize>(t: Tensor<D>, s: f64) -> Tensor<D> {
     if s == 1.0 { t } else { t * s }
+}
+
+/// [`attend`] that never turns NaN into numbers: fused kernels keep a running maximum that
+/// skips NaN, so a NaN query, key or value could come out finite. Adds 0 to every output, or
+/// NaN when any input holds NaN or ±Inf (`x · 0` is NaN exactly for those).
+pub fn attend_nan_safe(
+    q: Tensor<3>,
+    k: Tensor<3>,
+    v: Tensor<3>,
+    heads: usize,
+    imp: AttentionImpl,
+) -> Tensor<3> {
+    let poison = nan_or_zero(q.clone()) + nan_or_zero(k.clone()) + nan_or_zero(v.clone());
+    attend(q, k, v, heads, imp) + poison.reshape([1, 1, 1])
+}
+
+/// A one-element tensor: 0 when `t` is finite, NaN otherwise.
+fn nan_or_zero(t: Tensor<3>) -> Tensor<1> {
+    (t * 0.0).sum()
 }
 
 fn reshape(x: Value, shape: &[usize]) -> Value {

@@ -38,6 +38,74 @@ pub enum ExecError {
         expected: Vec<usize>,
         found: Vec<usize>,
     },
+    #[error(
+        "{} ({op}) produced a non-finite value (NaN or ±Inf); it is the first node that did\n  hint: {hint}",
+        if path.is_empty() { "the graph input" } else { path.as_str() }
+    )]
+    NonFinite {
+        path: String,
+        op: String,
+        hint: &'static str,
+    },
+}
+
+/// When a plan checks its values for NaN and ±Inf.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum FiniteCheck {
+    /// Never (benchmarks).
+    Off,
+    /// The inputs, the last node of each block (`down_blocks.N`, `mid_block`, `up_blocks.N`, ...)
+    /// and the outputs; when one fails, the run is repeated with every node checked to name the
+    /// first node that produced the value. The cost is one reduction per block.
+    #[default]
+    Boundaries,
+    /// Every node (`--check-finite`).
+    EveryNode,
+}
+
+static DEFAULT_CHECK: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(1);
+
+/// Sets the [`FiniteCheck`] of plans lowered from now on (the CLI's `--check-finite`).
+pub fn set_default_finite_check(c: FiniteCheck) {
+    let v = match c {
+        FiniteCheck::Off => 0,
+        FiniteCheck::Boundaries => 1,
+        FiniteCheck::EveryNode => 2,
+    };
+    DEFAULT_CHECK.store(v, std::sync::atomic::Ordering::Relaxed);
+}
+
+fn default_finite_check() -> FiniteCheck {
+    match DEFAULT_CHECK.load(std::sync::atomic::Ordering::Relaxed) {
+        0 => FiniteCheck::Off,
+        2 => FiniteCheck::EveryNode,
+        _ => FiniteCheck::Boundaries,
+    }
+}
+
+/// The block a node path belongs to (`down_blocks.1`, `mid_block`, `conv_in`, ...).
+fn block_of(path: &str) -> &str {
+    let mut dots = path.match_indices('.').map(|(i, _)| i);
+    match (
+        path.starts_with("down_blocks.") || path.starts_with("up_blocks."),
+        dots.nth(1),
+    ) {
+        (true, Some(i)) => &path[..i],
+        _ => path.split('.').next().unwrap_or(path),
+    }
+}
+
+fn value_finite(v: &Value) -> bool {
+    fn ok<const D: usize>(t: &Tensor<D>) -> bool {
+        !t.clone().is_finite().bool_not().any().into_scalar::<bool>()
+    }
+    match v {
+        Value::R1(t) => ok(t),
+        Value::R2(t) => ok(t),
+        Value::R3(t) => ok(t),
+        Value::R4(t) => ok(t),
+        Value::Plan(_) => true,
+    }
 }
 
 /// Kernels with weights already on the device, by node path and op.
@@ -83,6 +151,10 @@ impl std::str::FromStr for WeightDtype {
 
 struct Step {
     label: String,
+    path: String,
+    op: &'static str,
+    /// The last node of a block, an input or an output: checked under [`FiniteCheck::Boundaries`].
+    boundary: bool,
     kernel: Kernel,
     inputs: Vec<usize>,
     /// For each input: true when this step is its last reader (the value is moved, then gone).
@@ -97,6 +169,7 @@ pub struct Plan {
     inputs: Vec<(String, usize, Vec<usize>)>,
     /// Output name → slot.
     outputs: Vec<(String, usize)>,
+    check: FiniteCheck,
 }
 
 impl std::fmt::Debug for Plan {
@@ -204,8 +277,16 @@ impl Plan {
                     }
                 }
             };
+            let next = order.get(i + 1).map(|&m| block_of(&graph.g[m].path));
             steps.push(Step {
                 label: node.label(),
+                path: match &node.op {
+                    Op::Input { name, .. } => name.clone(),
+                    _ => node.path.clone(),
+                },
+                op: node.op.name(),
+                boundary: matches!(node.op, Op::Input { .. } | Op::Output { .. })
+                    || next.is_some_and(|b| b != block_of(&node.path)),
                 kernel,
                 inputs: ins,
                 last_use,
@@ -216,7 +297,13 @@ impl Plan {
             steps,
             inputs,
             outputs,
+            check: default_finite_check(),
         })
+    }
+
+    /// Sets when this plan checks its values for NaN and ±Inf.
+    pub fn set_finite_check(&mut self, c: FiniteCheck) {
+        self.check = c;
     }
 
     pub fn device(&self) -> &Device {
@@ -240,10 +327,29 @@ impl Plan {
         self.steps.is_empty()
     }
 
-    /// Runs the plan on device tensors; returns the outputs by name.
-    pub fn run(
+    /// Runs the plan on device tensors; returns the outputs by name. A NaN or ±Inf is an
+    /// [`ExecError::NonFinite`] naming the first node that produced it (see [`FiniteCheck`]).
+    pub fn run(&self, given: HashMap<String, Value>) -> Result<HashMap<String, Value>, ExecError> {
+        match self.check {
+            FiniteCheck::Off | FiniteCheck::EveryNode => self.run_checked(given, self.check),
+            FiniteCheck::Boundaries => {
+                // Device tensors are reference-counted: keeping the inputs costs no copy.
+                let kept = given.clone();
+                match self.run_checked(given, FiniteCheck::Boundaries) {
+                    Err(ExecError::NonFinite { .. }) => {
+                        self.run_checked(kept, FiniteCheck::EveryNode)?;
+                        unreachable_finite()
+                    }
+                    other => other,
+                }
+            }
+        }
+    }
+
+    fn run_checked(
         &self,
         mut given: HashMap<String, Value>,
+        check: FiniteCheck,
     ) -> Result<HashMap<String, Value>, ExecError> {
         let mut slots: Vec<Option<Value>> = Vec::with_capacity(self.steps.len());
         slots.resize_with(self.steps.len(), || None);
@@ -269,8 +375,34 @@ impl Plan {
             }
             slots[*slot] = Some(v);
         }
+        let checked = |step: &Step, v: &Value| -> Result<(), ExecError> {
+            let due = match check {
+                FiniteCheck::Off => false,
+                FiniteCheck::Boundaries => step.boundary,
+                FiniteCheck::EveryNode => true,
+            };
+            if due && !value_finite(v) {
+                return Err(ExecError::NonFinite {
+                    path: if matches!(step.kernel, Kernel::Input) {
+                        format!("input `{}`", step.path)
+                    } else {
+                        step.path.clone()
+                    },
+                    op: step.op.to_string(),
+                    hint: if matches!(step.kernel, Kernel::Input) {
+                        "the input holds NaN or Inf; check the inputs (or the previous step's output)"
+                    } else {
+                        "check this node's weights and inputs; an extreme rewrite weight, guidance or eps can overflow"
+                    },
+                });
+            }
+            Ok(())
+        };
         for (i, step) in self.steps.iter().enumerate() {
             if matches!(step.kernel, Kernel::Input) {
+                if let Some(v) = &slots[i] {
+                    checked(step, v)?;
+                }
                 continue;
             }
             let args: Vec<Value> = step
@@ -286,7 +418,9 @@ impl Plan {
                     v.unwrap_or_else(|| panic!("plan bug: {} reads an empty slot", step.label))
                 })
                 .collect();
-            slots[i] = Some(step.kernel.run(args));
+            let v = step.kernel.run(args);
+            checked(step, &v)?;
+            slots[i] = Some(v);
         }
         Ok(self
             .outputs
@@ -316,6 +450,16 @@ impl Plan {
         let out = self.run(dev)?;
         Ok(out.into_iter().map(|(k, v)| (k, v.to_host())).collect())
     }
+}
+
+/// A run that found a non-finite value at a block boundary and none at any node when repeated
+/// node by node: the backend is not deterministic about NaN, which is itself worth an error.
+fn unreachable_finite() -> Result<HashMap<String, Value>, ExecError> {
+    Err(ExecError::NonFinite {
+        path: "(a block boundary)".into(),
+        op: "unknown".into(),
+        hint: "a value was non-finite at a block boundary but no node produced it when rerun node by node; rerun with --check-finite",
+    })
 }
 
 /// Uploads host data as a rank-`D` tensor.

@@ -48,6 +48,12 @@ pub enum GraphError {
     Cycle { path: String },
     #[error(transparent)]
     Weight(#[from] crate::weights::WeightError),
+    #[error("{what} = {source}\n  hint: {hint}")]
+    Limit {
+        what: String,
+        source: Box<crate::limits::Exceeded>,
+        hint: &'static str,
+    },
 }
 
 /// What the graph is built for: concrete sizes of every input.
@@ -66,6 +72,79 @@ pub struct InputSpec {
 }
 
 impl InputSpec {
+    /// Checks every size against [`crate::limits`] (and that none is 0), before anything is
+    /// allocated for it.
+    pub fn check(&self) -> Result<(), GraphError> {
+        use crate::limits::*;
+        for (what, v) in [
+            ("batch", self.batch),
+            ("latent height", self.height),
+            ("latent width", self.width),
+            ("text length", self.text_len),
+            ("timesteps", self.timesteps),
+        ] {
+            if v == 0 {
+                return Err(GraphError::Shape {
+                    path: String::new(),
+                    op: "input".into(),
+                    message: format!("the {what} is 0; every input size must be at least 1"),
+                });
+            }
+        }
+        let lim = |what: &str, v: usize, max: usize, name: &'static str, hint: &'static str| {
+            at_most(v, max, name).map_err(|source| GraphError::Limit {
+                what: what.into(),
+                source: Box::new(source),
+                hint,
+            })
+        };
+        lim(
+            "batch",
+            self.batch,
+            MAX_BATCH,
+            "MAX_BATCH",
+            "run fewer prompts at once (the batch is 2 per prompt with guidance)",
+        )?;
+        for (what, v) in [("latent height", self.height), ("latent width", self.width)] {
+            lim(
+                what,
+                v,
+                MAX_LATENT_SIDE,
+                "MAX_LATENT_SIDE",
+                "the latent is the image size / 8 (e.g. 64 for 512 pixels)",
+            )?;
+        }
+        lim(
+            "latent height × width",
+            self.height.saturating_mul(self.width),
+            MAX_LATENT_AREA,
+            "MAX_LATENT_AREA",
+            "the latent is the image size / 8 (e.g. 64×64 for 512×512 pixels)",
+        )?;
+        lim(
+            "text length",
+            self.text_len,
+            MAX_TEXT_LEN,
+            "MAX_TEXT_LEN",
+            "CLIP's text length is 77",
+        )?;
+        lim(
+            "timesteps",
+            self.timesteps,
+            self.batch,
+            "MAX_BATCH",
+            "the timestep input is [1] or [batch]",
+        )?;
+        lim(
+            "time_ids",
+            self.time_ids,
+            MAX_TEXT_LEN,
+            "MAX_TEXT_LEN",
+            "SDXL has 6 time ids",
+        )?;
+        Ok(())
+    }
+
     pub fn new(batch: usize, height: usize, width: usize) -> Self {
         InputSpec {
             batch,
@@ -418,6 +497,170 @@ impl Op {
 
     /// Infers the output shape from the input shapes; `Err` says what does not fit.
     pub fn infer(&self, inputs: &[&[usize]]) -> Result<Shape, String> {
+        self.check_params()?;
+        let shape = self.infer_shape(inputs)?;
+        if crate::limits::elements(&shape).is_none() {
+            return Err(format!(
+                "output {shape:?} has more than {} elements (src/limits.rs: MAX_TENSOR_ELEMENTS)",
+                crate::limits::MAX_TENSOR_ELEMENTS
+            ));
+        }
+        Ok(shape)
+    }
+
+    /// Checks the op's own fields (no shapes involved): what a forged plan could carry that
+    /// would divide by zero, loop forever or allocate without bound in inference or a kernel.
+    pub fn check_params(&self) -> Result<(), String> {
+        use crate::limits::{MAX_CHANNELS, MAX_HEADS, MAX_KERNEL};
+        let want = |cond: bool, msg: String| if cond { Ok(()) } else { Err(msg) };
+        let eps_ok = |eps: f64| eps.is_finite() && eps > 0.0;
+        let count = |what: &str, v: usize, max: usize, name: &str| {
+            want(
+                (1..=max).contains(&v),
+                format!("{what} = {v} is outside 1..={max} (src/limits.rs: {name})"),
+            )
+        };
+        match self {
+            Op::Conv2d {
+                in_channels,
+                out_channels,
+                kernel,
+                stride,
+                padding,
+            } => {
+                count("in_channels", *in_channels, MAX_CHANNELS, "MAX_CHANNELS")?;
+                count("out_channels", *out_channels, MAX_CHANNELS, "MAX_CHANNELS")?;
+                count("kernel", *kernel, MAX_KERNEL, "MAX_KERNEL")?;
+                count("stride", *stride, MAX_KERNEL, "MAX_KERNEL")?;
+                want(
+                    padding.iter().all(|p| p <= kernel),
+                    format!("padding {padding:?} is wider than the {kernel}×{kernel} kernel"),
+                )
+            }
+            Op::Linear {
+                in_features,
+                out_features,
+                ..
+            } => {
+                count(
+                    "in_features",
+                    *in_features,
+                    4 * MAX_CHANNELS,
+                    "4·MAX_CHANNELS",
+                )?;
+                count(
+                    "out_features",
+                    *out_features,
+                    8 * MAX_CHANNELS,
+                    "8·MAX_CHANNELS",
+                )
+            }
+            Op::GroupNorm {
+                groups,
+                channels,
+                eps,
+            } => {
+                count("channels", *channels, MAX_CHANNELS, "MAX_CHANNELS")?;
+                want(
+                    *groups > 0 && channels.is_multiple_of(*groups),
+                    format!("{channels} channels do not split into {groups} groups"),
+                )?;
+                want(
+                    eps_ok(*eps),
+                    format!("eps = {eps} is not a finite number > 0"),
+                )
+            }
+            Op::LayerNorm { dim, eps } => {
+                count("dim", *dim, 4 * MAX_CHANNELS, "4·MAX_CHANNELS")?;
+                want(
+                    eps_ok(*eps),
+                    format!("eps = {eps} is not a finite number > 0"),
+                )
+            }
+            Op::Resnet {
+                in_channels,
+                out_channels,
+                temb_channels,
+                groups,
+                eps,
+                output_scale,
+            } => {
+                count("in_channels", *in_channels, MAX_CHANNELS, "MAX_CHANNELS")?;
+                count("out_channels", *out_channels, MAX_CHANNELS, "MAX_CHANNELS")?;
+                count(
+                    "temb_channels",
+                    *temb_channels,
+                    4 * MAX_CHANNELS,
+                    "4·MAX_CHANNELS",
+                )?;
+                want(
+                    *groups > 0
+                        && in_channels.is_multiple_of(*groups)
+                        && out_channels.is_multiple_of(*groups),
+                    format!(
+                        "{in_channels} and {out_channels} channels do not split into {groups} groups"
+                    ),
+                )?;
+                want(
+                    eps_ok(*eps),
+                    format!("eps = {eps} is not a finite number > 0"),
+                )?;
+                want(
+                    output_scale.is_finite() && *output_scale != 0.0,
+                    format!("output_scale = {output_scale} is not a finite non-zero number"),
+                )
+            }
+            Op::TimestepProj {
+                dim, shift, batch, ..
+            } => {
+                count("dim", *dim, MAX_CHANNELS, "MAX_CHANNELS")?;
+                // SDXL's text_time projection runs over batch × time ids.
+                count(
+                    "batch",
+                    *batch,
+                    crate::limits::MAX_BATCH * crate::limits::MAX_TEXT_LEN,
+                    "MAX_BATCH·MAX_TEXT_LEN",
+                )?;
+                want(
+                    shift.is_finite() && (((dim / 2) as f64) - shift).abs() > 0.5,
+                    format!("shift = {shift} does not fit a {dim}-wide projection"),
+                )
+            }
+            Op::Attention(a) => {
+                count("heads", a.heads, MAX_HEADS, "MAX_HEADS")?;
+                count("head_dim", a.head_dim, MAX_CHANNELS, "MAX_CHANNELS")
+            }
+            Op::AugmentQ { heads } | Op::AugmentK { heads, .. } => {
+                count("heads", *heads, MAX_HEADS, "MAX_HEADS")?;
+                if let Op::AugmentK { bias, .. } = self {
+                    want(
+                        bias.iter().all(|b| b.is_finite()),
+                        "a score bias is not finite".into(),
+                    )?;
+                }
+                Ok(())
+            }
+            Op::AttnProbs { heads, .. } | Op::AttnMix { heads, .. } => {
+                count("heads", *heads, MAX_HEADS, "MAX_HEADS")
+            }
+            Op::ScaleKeys { weights, .. } | Op::ProbsReweight { weights, .. } => want(
+                weights.iter().all(|w| w.is_finite() && *w >= 0.0),
+                "a weight is not a finite number ≥ 0".into(),
+            ),
+            Op::Add { scale } => want(scale.is_finite(), format!("scale = {scale} is not finite")),
+            Op::FeedForward { dim, inner } => {
+                count("dim", *dim, MAX_CHANNELS, "MAX_CHANNELS")?;
+                count("inner", *inner, 8 * MAX_CHANNELS, "8·MAX_CHANNELS")
+            }
+            Op::ToImage { height, width } | Op::Upsample { height, width } => want(
+                *height > 0 && *width > 0,
+                format!("size {height}×{width} is empty"),
+            ),
+            _ => Ok(()),
+        }
+    }
+
+    fn infer_shape(&self, inputs: &[&[usize]]) -> Result<Shape, String> {
         let want = |cond: bool, msg: String| if cond { Ok(()) } else { Err(msg) };
         match self {
             Op::Input { shape, .. } => Ok(shape.clone()),
@@ -521,6 +764,14 @@ impl Op {
             Op::Attention(a) => {
                 let (q, k, v) = (inputs[0], inputs[1], inputs[2]);
                 attn_qkv(a.heads, q, k, v)?;
+                // A renormalised reweight widens Q and K by one per head (AugmentQ/AugmentK).
+                want(
+                    q[2] == a.heads * a.head_dim || q[2] == a.heads * (a.head_dim + 1),
+                    format!(
+                        "query width {} is not {} heads × head_dim {}",
+                        q[2], a.heads, a.head_dim
+                    ),
+                )?;
                 Ok(vec![q[0], q[1], v[2]])
             }
             Op::ScaleKeys { keys, weights } => {
@@ -713,7 +964,7 @@ impl Op {
             Op::Reshape { shape } => {
                 let n: usize = inputs[0].iter().product();
                 want(
-                    n == shape.iter().product::<usize>(),
+                    crate::limits::elements(shape) == Some(n),
                     format!("cannot reshape {:?} to {shape:?}", inputs[0]),
                 )?;
                 Ok(shape.clone())

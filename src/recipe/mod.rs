@@ -348,10 +348,30 @@ pub struct Source {
 impl Source {
     /// Reads and parses a recipe file.
     pub fn load(path: &Path) -> Result<Source, RecipeError> {
-        let text = std::fs::read_to_string(path).map_err(|source| RecipeError::Read {
-            path: path.to_path_buf(),
-            source,
-        })?;
+        use crate::limits::{MAX_RECIPE_BYTES, ReadError, read_text_capped};
+        let text =
+            read_text_capped(path, MAX_RECIPE_BYTES, "MAX_RECIPE_BYTES").map_err(|e| match e {
+                ReadError::Io(source) => RecipeError::Read {
+                    path: path.to_path_buf(),
+                    source,
+                },
+                ReadError::Utf8 { line, col, byte } => RecipeError::At {
+                    file: path.to_path_buf(),
+                    line,
+                    col,
+                    code: "utf8",
+                    message: format!("not valid UTF-8 (byte {byte})"),
+                    hint: "save the recipe as UTF-8 text".into(),
+                },
+                too_big @ ReadError::TooBig { .. } => RecipeError::At {
+                    file: path.to_path_buf(),
+                    line: 1,
+                    col: 1,
+                    code: "too-big",
+                    message: "the recipe file is too large".into(),
+                    hint: too_big.to_string(),
+                },
+            })?;
         Source::parse(&text, path)
     }
 
@@ -376,12 +396,28 @@ impl Source {
                 hint,
             }
         })?;
-        Ok(Source {
+        let src = Source {
             file: file.to_path_buf(),
             text: text.to_string(),
             recipe,
             tree: spans::parse(text),
-        })
+        };
+        if let Err(e) = crate::limits::at_most(
+            src.recipe.rewrites.len(),
+            crate::limits::MAX_REWRITES,
+            "MAX_REWRITES",
+        ) {
+            return Err(src.error(
+                &[
+                    Seg::Field("rewrites"),
+                    Seg::Index(crate::limits::MAX_REWRITES),
+                ],
+                "too-many",
+                format!("the recipe has too many rewrites: {e}"),
+                "split the recipe, or select several layers with one rewrite (globs, kind, place)",
+            ));
+        }
+        Ok(src)
     }
 
     /// The source position of the value at `path` (or the closest enclosing one).

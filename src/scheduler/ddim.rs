@@ -9,7 +9,7 @@ use super::{
 /// `DDIMScheduler` (eta 0, `clip_sample: false`, no thresholding).
 #[derive(Debug, Clone)]
 pub struct Ddim {
-    common: Common,
+    pub(crate) common: Common,
     /// `alphas_cumprod[0]`, or 1 with `set_alpha_to_one`: ᾱ before the first training step.
     final_alpha_cumprod: f32,
     num_inference_steps: usize,

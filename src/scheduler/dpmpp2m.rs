@@ -10,7 +10,7 @@ use super::{
 /// `DPMSolverMultistepScheduler` with `algorithm_type: "dpmsolver++"`, `solver_order` 1 or 2.
 #[derive(Debug, Clone)]
 pub struct DpmSolverMultistep {
-    common: Common,
+    pub(crate) common: Common,
     solver_order: usize,
     /// `solver_type: "heun"` (else midpoint).
     heun: bool,

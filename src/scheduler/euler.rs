@@ -10,7 +10,7 @@ use super::{
 /// Karras/exponential/beta sigmas).
 #[derive(Debug, Clone)]
 pub struct EulerDiscrete {
-    common: Common,
+    pub(crate) common: Common,
     /// The sigma of the last step: `0` (`final_sigmas_type: "zero"`) or the smallest training
     /// sigma (`"sigma_min"`).
     sigma_min_last: bool,

@@ -122,10 +122,26 @@ impl SchedulerConfig {
         } else {
             path.to_path_buf()
         };
-        let text = std::fs::read_to_string(&file).map_err(|source| SchedulerError::Read {
-            path: file.clone(),
-            source,
-        })?;
+        use crate::limits::{MAX_CONFIG_BYTES, ReadError, read_text_capped};
+        let text =
+            read_text_capped(&file, MAX_CONFIG_BYTES, "MAX_CONFIG_BYTES").map_err(|e| match e {
+                ReadError::Io(source) => SchedulerError::Read {
+                    path: file.clone(),
+                    source,
+                },
+                other => SchedulerError::Json {
+                    path: file.clone(),
+                    line: match other {
+                        ReadError::Utf8 { line, .. } => line,
+                        _ => 0,
+                    },
+                    column: match other {
+                        ReadError::Utf8 { col, .. } => col,
+                        _ => 0,
+                    },
+                    message: other.to_string(),
+                },
+            })?;
         Self::from_json(&text, &file)
     }
 
@@ -289,6 +305,23 @@ impl Common {
         Ok(())
     }
 
+    /// Checks every timestep of a schedule against the training schedule.
+    pub fn check_timesteps(&self, ts: &[f64]) -> Result<(), SchedulerError> {
+        let t = self.num_train_timesteps as f64;
+        if let Some(bad) = ts.iter().find(|&&x| !(x >= 0.0 && x < t)) {
+            return Err(SchedulerError::Invalid {
+                path: self.path.clone(),
+                field: "steps_offset",
+                message: format!(
+                    "timestep {bad} of a {}-step schedule is outside the training schedule 0..{t} (steps_offset = {})\n  hint: ask for fewer steps or lower steps_offset",
+                    ts.len(),
+                    self.steps_offset
+                ),
+            });
+        }
+        Ok(())
+    }
+
     /// `alphas_cumprod[t]`, for an integral `t` inside the training schedule.
     pub fn alpha_prod(&self, t: i64) -> f32 {
         let i = usize::try_from(t)
@@ -447,7 +480,48 @@ impl ConfigReader<'_> {
                 message: "must be at least 1".into(),
             });
         }
+        let steps_offset = self.i64("steps_offset", 0)?;
+        if !(0..num_train_timesteps as i64).contains(&steps_offset) {
+            return Err(SchedulerError::Invalid {
+                path: self.path(),
+                field: "steps_offset",
+                message: format!(
+                    "{steps_offset} is outside the training schedule 0..{num_train_timesteps}\n  hint: diffusers' SD configs use steps_offset 0 or 1"
+                ),
+            });
+        }
+        crate::limits::at_most(
+            num_train_timesteps,
+            crate::limits::MAX_TRAIN_TIMESTEPS,
+            "MAX_TRAIN_TIMESTEPS",
+        )
+        .map_err(|e| SchedulerError::Invalid {
+            path: self.path(),
+            field: "num_train_timesteps",
+            message: format!("{e}\n  hint: SD schedulers are trained with 1000 timesteps"),
+        })?;
         let betas = self.betas(num_train_timesteps)?;
+        if let Some((i, b)) = betas
+            .iter()
+            .enumerate()
+            .find(|(_, b)| !(b.is_finite() && **b >= 0.0 && **b < 1.0))
+        {
+            return Err(SchedulerError::Invalid {
+                path: self.path(),
+                field: if self
+                    .config
+                    .raw("trained_betas")
+                    .is_some_and(|v| !v.is_null())
+                {
+                    "trained_betas"
+                } else {
+                    "beta_end"
+                },
+                message: format!(
+                    "beta {b} (timestep {i}) is outside [0, 1)\n  hint: betas are noise variances per step; SD uses beta_start 0.00085, beta_end 0.012"
+                ),
+            });
+        }
         if self.bool("rescale_betas_zero_snr", false)? {
             return Err(self.unsupported(
                 "rescale_betas_zero_snr",
@@ -478,7 +552,7 @@ impl ConfigReader<'_> {
             class: self.class,
             num_train_timesteps,
             alphas_cumprod: alphas_cumprod(&betas),
-            steps_offset: self.i64("steps_offset", 0)?,
+            steps_offset,
             spacing,
             prediction,
         })
@@ -763,6 +837,20 @@ impl Scheduler {
             Self::Euler(s) => s.set_timesteps(num_inference_steps),
             Self::DpmSolverMultistep(s) => s.set_timesteps(num_inference_steps),
         }
+    }
+
+    /// Checks that every timestep of the schedule set by [`Self::set_timesteps`] lies inside
+    /// the training schedule `0..num_train_timesteps` ([`Self::step`] reads `alphas_cumprod` at
+    /// it): leading spacing adds `steps_offset`, so e.g. 1000 steps with `steps_offset: 1` end
+    /// one past it. Call it before stepping through a schedule built from an untrusted config.
+    pub fn check_schedule(&self) -> Result<(), SchedulerError> {
+        let common = match self {
+            Self::Ddim(s) => &s.common,
+            Self::Pndm(s) => &s.common,
+            Self::Euler(s) => &s.common,
+            Self::DpmSolverMultistep(s) => &s.common,
+        };
+        common.check_timesteps(self.timesteps())
     }
 
     /// The timesteps to run the UNet at, in order (empty before [`Self::set_timesteps`]). PNDM

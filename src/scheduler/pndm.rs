@@ -10,7 +10,7 @@ use super::{
 /// `PNDMScheduler` (PLMS only: `skip_prk_steps: true`).
 #[derive(Debug, Clone)]
 pub struct Pndm {
-    common: Common,
+    pub(crate) common: Common,
     final_alpha_cumprod: f32,
     num_inference_steps: usize,
     timesteps: Vec<f64>,

@@ -29,6 +29,15 @@ pub enum ModelError {
     Weight(#[from] WeightError),
     #[error(transparent)]
     Graph(#[from] GraphError),
+    #[error(
+        "{weights} holds {count} tensors that the config.json beside it does not build, e.g. `{example}`\n  hint: the config's layer counts ({field}) do not match the checkpoint; use the config.json that came with these weights"
+    )]
+    Unused {
+        weights: PathBuf,
+        count: usize,
+        example: String,
+        field: &'static str,
+    },
 }
 
 /// An opened UNet: config, resolved facts and memory-mapped weights.
@@ -56,6 +65,7 @@ impl UNet {
         let config = UNetConfig::from_file(&cfg_path)?;
         let resolved = config.resolve(&cfg_path)?;
         let weights = TensorFiles::open_dir(&dir)?;
+        check_layer_counts(&resolved, &weights)?;
         Ok(UNet {
             dir,
             config,
@@ -81,8 +91,48 @@ impl UNet {
     }
 }
 
+/// The config's layer counts against the checkpoint: every tensor of a block layer
+/// (`down_blocks.*`, `mid_block.*`, `up_blocks.*`) must be read by the graph the config builds.
+/// (Missing tensors are found by the graph's weight check.)
+fn check_layer_counts(cfg: &Resolved, weights: &TensorFiles) -> Result<(), ModelError> {
+    let g = build(cfg, InputSpec::new(1, 8, 8))?;
+    let used: std::collections::HashSet<String> =
+        g.weight_list().into_iter().map(|(n, _)| n).collect();
+    let mut unused: Vec<&str> = weights
+        .names()
+        .filter(|n| {
+            (n.starts_with("down_blocks.")
+                || n.starts_with("mid_block.")
+                || n.starts_with("up_blocks."))
+                && !used.contains(*n)
+        })
+        .collect();
+    if unused.is_empty() {
+        return Ok(());
+    }
+    unused.sort();
+    let has = |part: &str| unused.iter().find(|n| n.contains(part)).copied();
+    let (field, example) = if let Some(e) = has(".resnets.") {
+        ("layers_per_block", e)
+    } else if let Some(e) = has(".transformer_blocks.") {
+        ("transformer_layers_per_block", e)
+    } else if let Some(e) = has(".attentions.") {
+        ("down_block_types / up_block_types / mid_block_type", e)
+    } else {
+        ("block_out_channels", unused[0])
+    };
+    let example = example.to_string();
+    Err(ModelError::Unused {
+        weights: weights.origin().to_path_buf(),
+        count: unused.len(),
+        example,
+        field,
+    })
+}
+
 /// Builds the whole UNet graph for a resolved config and an input spec.
 pub fn build(cfg: &Resolved, spec: InputSpec) -> Result<Graph, GraphError> {
+    spec.check()?;
     let mut g = Graph::new(spec);
     let b = spec.batch;
     let sample = g.add(

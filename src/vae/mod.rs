@@ -153,10 +153,20 @@ fn d_true() -> bool {
 impl VaeConfig {
     /// Reads and parses `config.json`.
     pub fn from_file(path: &Path) -> Result<Self, VaeError> {
-        let text = std::fs::read_to_string(path).map_err(|source| VaeError::Read {
-            path: path.to_path_buf(),
-            source,
-        })?;
+        use crate::limits::{MAX_CONFIG_BYTES, ReadError, read_text_capped};
+        let text =
+            read_text_capped(path, MAX_CONFIG_BYTES, "MAX_CONFIG_BYTES").map_err(|e| match e {
+                ReadError::Io(source) => VaeError::Read {
+                    path: path.to_path_buf(),
+                    source,
+                },
+                other => VaeError::Json {
+                    path: path.to_path_buf(),
+                    line: 0,
+                    column: 0,
+                    message: other.to_string(),
+                },
+            })?;
         Self::from_json(&text, path)
     }
 
@@ -246,6 +256,29 @@ impl VaeConfig {
                 "`layers_per_block` is 0".into(),
                 "every block needs at least one resnet",
             );
+        }
+        {
+            use crate::limits::{MAX_BLOCKS, MAX_CHANNELS, MAX_LAYERS_PER_BLOCK, at_most};
+            let mut checks = vec![
+                ("block_out_channels (entries)", n, MAX_BLOCKS, "MAX_BLOCKS"),
+                (
+                    "layers_per_block",
+                    self.layers_per_block,
+                    MAX_LAYERS_PER_BLOCK,
+                    "MAX_LAYERS_PER_BLOCK",
+                ),
+            ];
+            for &c in &self.block_out_channels {
+                checks.push(("block_out_channels", c, MAX_CHANNELS, "MAX_CHANNELS"));
+            }
+            for (field, v, max, name) in checks {
+                if let Err(e) = at_most(v, max, name) {
+                    return invalid(
+                        format!("`{field}` = {e}"),
+                        "no published VAE comes near this; check the config",
+                    );
+                }
+            }
         }
         let g = self.norm_num_groups;
         if g == 0 {
