@@ -67,6 +67,9 @@ enum Cmd {
     /// Text to image: prompts → text encoder → denoising loop with CFG (and a recipe's
     /// rewrites) → VAE → PNG; Store rewrites also write their maps and heat-map PNGs.
     Run(RunArgs),
+    /// Time each node of one UNet forward on random inputs: per op kind (seconds, share of
+    /// the forward, GFLOP/s) and the slowest nodes.
+    Profile(ProfileArgs),
     /// Validate a recipe against a model.
     Check {
         recipe: PathBuf,
@@ -113,6 +116,73 @@ enum Cmd {
         #[arg(long)]
         prompt: Option<String>,
     },
+}
+
+#[derive(clap::Args)]
+struct ProfileArgs {
+    /// A pipeline folder, a unet/ folder, or a UNet config.json (run with deterministic random
+    /// weights, e.g. benches/configs/sd15-unet.json).
+    model: PathBuf,
+    /// Profile the graph a recipe makes (its first step segment).
+    #[arg(long)]
+    recipe: Option<PathBuf>,
+    /// Latent size HxW (default: the config's sample_size).
+    #[arg(long)]
+    size: Option<String>,
+    #[arg(long, default_value_t = 2)]
+    batch: usize,
+    /// Timed forwards to average (after one untimed warm-up).
+    #[arg(long, default_value_t = 1)]
+    runs: usize,
+    #[arg(long, default_value = "flex")]
+    device: String,
+    /// How linear and conv weights are held: f32, f16, bf16.
+    #[arg(long, default_value = "f32")]
+    weights: rewire::exec::WeightDtype,
+    /// The attention kernel: fused (rewire's own on the CPU, Burn's elsewhere), burn, naive.
+    #[arg(long, value_enum, default_value = "fused")]
+    attention: AttentionArg,
+    /// How many of the slowest nodes to list.
+    #[arg(long, default_value_t = 15)]
+    top: usize,
+    /// Print JSON (totals, per op kind, every node) instead of tables.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum AttentionArg {
+    Fused,
+    Burn,
+    Naive,
+}
+
+fn profile(a: ProfileArgs) -> Result<()> {
+    use rewire::exec::AttentionImpl;
+    let device = rewire::backend::device(&a.device)?;
+    let size = a.size.as_deref().map(parse_size).transpose()?;
+    let recipe = a.recipe.as_deref().map(Source::load).transpose()?;
+    let opts = rewire::profile::ProfileOptions {
+        size,
+        batch: a.batch,
+        runs: a.runs,
+        lower: LowerOptions {
+            attention: match a.attention {
+                AttentionArg::Fused => AttentionImpl::Fused,
+                AttentionArg::Burn => AttentionImpl::Burn,
+                AttentionArg::Naive => AttentionImpl::Naive,
+            },
+            weights: a.weights,
+        },
+    };
+    eprintln!("profiling {} ...", a.model.display());
+    let p = rewire::profile::profile_model(&a.model, recipe.as_ref(), &opts, &device)?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&p.to_json())?);
+    } else {
+        print!("{}", p.table(a.top));
+    }
+    Ok(())
 }
 
 /// The input spec a recipe is compiled for.
@@ -935,6 +1005,7 @@ fn run(cli: Cli) -> Result<()> {
             batch,
             json,
         } => inspect(&model, &size, batch, json),
+        Cmd::Profile(a) => profile(a),
         Cmd::Graph {
             model,
             format,

@@ -6,8 +6,146 @@
 //! Try it: `rewire profile benches/configs/sd15-unet.json --size 32x32` (a config file runs with
 //! deterministic random weights, no download) or `rewire profile models/tiny-sd --json`.
 
+use crate::compile::{CompileError, CompileOptions, compile_graph};
+use crate::config::{ConfigError, UNetConfig};
+use crate::exec::{ExecError, HostTensor, LowerOptions, Plan, Value};
+use crate::graph::{Graph, GraphError, InputSpec};
+use crate::recipe::Source;
+use crate::unet::{ModelError, UNet};
+use crate::weights::{RandomWeights, WeightSource};
+use burn::tensor::Device;
 use serde::Serialize;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+
+/// Errors raised while setting up or running a profile.
+#[derive(Debug, thiserror::Error)]
+pub enum ProfileError {
+    #[error(transparent)]
+    Model(#[from] ModelError),
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Graph(#[from] GraphError),
+    #[error(transparent)]
+    Compile(#[from] CompileError),
+    #[error(transparent)]
+    Exec(#[from] ExecError),
+    #[error("--runs must be at least 1")]
+    NoRuns,
+}
+
+/// What to profile.
+#[derive(Debug, Clone)]
+pub struct ProfileOptions {
+    /// Latent height and width (default: the config's sample_size).
+    pub size: Option<(usize, usize)>,
+    pub batch: usize,
+    /// Timed forwards to average, after one untimed warm-up.
+    pub runs: usize,
+    pub lower: LowerOptions,
+}
+
+impl Default for ProfileOptions {
+    fn default() -> Self {
+        ProfileOptions {
+            size: None,
+            batch: 2,
+            runs: 1,
+            lower: LowerOptions::default(),
+        }
+    }
+}
+
+/// Profiles one UNet forward of `model` (a pipeline or unet/ folder, or a UNet `config.json`
+/// run with deterministic random weights), with a recipe's rewrites if given (its first step
+/// segment), on random inputs.
+pub fn profile_model(
+    model: &Path,
+    recipe: Option<&Source>,
+    opts: &ProfileOptions,
+    device: &Device,
+) -> Result<Profile, ProfileError> {
+    if opts.runs == 0 {
+        return Err(ProfileError::NoRuns);
+    }
+    let random = RandomWeights::new(0);
+    let (config, unet) = if model.is_file() {
+        let config = UNetConfig::from_file(model)?;
+        (config, None)
+    } else {
+        let unet = UNet::open(model)?;
+        (unet.config.clone(), Some(unet))
+    };
+    let n = |v: &serde_json::Value| v.as_u64().unwrap_or(64) as usize;
+    let (h, w) = opts.size.unwrap_or(match &config.sample_size {
+        Some(serde_json::Value::Array(a)) if a.len() == 2 => (n(&a[0]), n(&a[1])),
+        Some(v @ serde_json::Value::Number(_)) => (n(v), n(v)),
+        _ => (64, 64),
+    });
+    let spec = InputSpec::new(opts.batch, h, w);
+    spec.check()?;
+    let base: Graph = match &unet {
+        Some(u) => u.graph(spec)?,
+        None => {
+            let resolved = config.resolve(model)?;
+            let g = crate::unet::build(&resolved, spec)?;
+            g.check(None)?;
+            g
+        }
+    };
+    let graph = match recipe {
+        Some(src) => {
+            compile_graph(src, &base, &CompileOptions::default())?
+                .segments
+                .swap_remove(0)
+                .graph
+        }
+        None => base,
+    };
+    let weights: &dyn WeightSource = match &unet {
+        Some(u) => &u.weights,
+        None => &random,
+    };
+    let plan = Plan::lower(&graph, weights, device, opts.lower)?;
+    let inputs = random_inputs(&plan);
+    let upload = || -> HashMap<String, Value> {
+        inputs
+            .iter()
+            .map(|(k, t)| (k.clone(), Value::from_host(t, device)))
+            .collect()
+    };
+    let finish = |out: HashMap<String, Value>| {
+        // Read the outputs back: the run is over when they are on the host.
+        out.into_values().for_each(|v| drop(v.to_host()));
+    };
+    finish(plan.run(upload())?);
+    let mut runs = Vec::with_capacity(opts.runs);
+    for _ in 0..opts.runs {
+        let given = upload();
+        let start = std::time::Instant::now();
+        let (out, times) = plan.run_profiled(given)?;
+        finish(out);
+        runs.push((start.elapsed().as_secs_f64(), times));
+    }
+    Ok(Profile::from_runs(runs))
+}
+
+/// Deterministic random inputs for every input of a plan (`timestep` 500).
+fn random_inputs(plan: &Plan) -> HashMap<String, HostTensor> {
+    let rw = RandomWeights::new(99);
+    plan.input_specs()
+        .into_iter()
+        .map(|(name, shape)| {
+            let data = if name == "timestep" {
+                vec![500.0; shape.iter().product()]
+            } else {
+                rw.values(name, &[shape.iter().product::<usize>(), 1])
+            };
+            (name.to_string(), HostTensor::new(shape.to_vec(), data))
+        })
+        .collect()
+}
 
 /// One node's time in one run.
 #[derive(Debug, Clone, Serialize)]

@@ -13,6 +13,7 @@
 //! Try it: `cargo test --release --lib cpu_attention` (against the naive formula), or any parity
 //! test (`cargo test --release --test parity`), which runs every attention through it.
 
+use super::simd::exp;
 use rayon::prelude::*;
 
 /// Queries per task.
@@ -144,8 +145,7 @@ pub fn attention(q: &[f32], k: &[f32], v: &[f32], dims: Dims, scale: f32) -> Vec
 fn softmax_row(row: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
     {
-        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
-        {
+        if super::simd::has_avx2() {
             // SAFETY: the processor has AVX2 and FMA (checked just above).
             unsafe { softmax_row_avx2(row) };
             return;
@@ -184,43 +184,10 @@ unsafe fn softmax_row_avx2(row: &mut [f32]) {
             return;
         }
         let mv = _mm256_set1_ps(m);
-        let lo = _mm256_set1_ps(-87.0);
-        let hi = _mm256_set1_ps(88.0);
-        let log2e = _mm256_set1_ps(std::f32::consts::LOG2_E);
-        let c1 = _mm256_set1_ps(0.693_359_4);
-        let c2 = _mm256_set1_ps(-2.121_944_4e-4);
-        let k = [
-            _mm256_set1_ps(1.987_569_1e-4),
-            _mm256_set1_ps(1.398_199_9e-3),
-            _mm256_set1_ps(8.333_452e-3),
-            _mm256_set1_ps(4.166_579_6e-2),
-            _mm256_set1_ps(1.666_666_5e-1),
-            _mm256_set1_ps(0.5),
-        ];
-        let one = _mm256_set1_ps(1.0);
         let mut sum = _mm256_setzero_ps();
         let mut i = 0;
         while i < full {
-            let x = _mm256_sub_ps(_mm256_loadu_ps(p.add(i)), mv);
-            let under = _mm256_cmp_ps::<_CMP_LT_OQ>(x, lo);
-            // max/min return their second operand when one is NaN: NaN stays NaN.
-            let xc = _mm256_min_ps(hi, _mm256_max_ps(lo, x));
-            let nn = _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
-                _mm256_mul_ps(xc, log2e),
-            );
-            let r = _mm256_fnmadd_ps(nn, c2, _mm256_fnmadd_ps(nn, c1, xc));
-            let z = _mm256_mul_ps(r, r);
-            let mut y = _mm256_fmadd_ps(k[0], r, k[1]);
-            y = _mm256_fmadd_ps(y, r, k[2]);
-            y = _mm256_fmadd_ps(y, r, k[3]);
-            y = _mm256_fmadd_ps(y, r, k[4]);
-            y = _mm256_fmadd_ps(y, r, k[5]);
-            y = _mm256_add_ps(_mm256_fmadd_ps(y, z, r), one);
-            let pow2 = _mm256_castsi256_ps(_mm256_slli_epi32::<23>(_mm256_add_epi32(
-                _mm256_cvtps_epi32(nn),
-                _mm256_set1_epi32(127),
-            )));
-            let e = _mm256_andnot_ps(under, _mm256_mul_ps(y, pow2));
+            let e = super::simd::avx2::exp8(_mm256_sub_ps(_mm256_loadu_ps(p.add(i)), mv));
             _mm256_storeu_ps(p.add(i), e);
             sum = _mm256_add_ps(sum, e);
             i += 8;
@@ -285,36 +252,6 @@ fn softmax_row_generic(row: &mut [f32]) {
     sum += sums.iter().sum::<f32>();
     let inv = 1.0 / sum;
     row.iter_mut().for_each(|x| *x *= inv);
-}
-
-/// `eˣ` for the softmax's `x ≤ 0` (Cephes' polynomial on `x − n·ln2`, `2ⁿ` built from the
-/// exponent bits), within 2 ulp of libm's over [-87, 0]; `x < -87` gives 0 (below 1.7e-38),
-/// NaN stays NaN. Branch-free, so loops over it vectorise.
-#[inline(always)]
-pub fn exp(x: f32) -> f32 {
-    const LOG2E: f32 = std::f32::consts::LOG2_E;
-    const C1: f32 = 0.693_359_4;
-    const C2: f32 = -2.121_944_4e-4;
-    const ROUND: f32 = 12_582_912.0; // 1.5 · 2²³: adding and subtracting rounds to an integer
-    let under = x < -87.0;
-    let xc = x.clamp(-87.0, 88.0);
-    let n = (xc * LOG2E + ROUND) - ROUND;
-    let r = xc - n * C1 - n * C2;
-    let z = r * r;
-    let p = ((((1.987_569_1e-4 * r + 1.398_199_9e-3) * r + 8.333_452e-3) * r + 4.166_579_6e-2) * r
-        + 1.666_666_5e-1)
-        * r
-        + 0.5;
-    let y = p * z + r + 1.0;
-    let pow2 = f32::from_bits(((n as i32 + 127) << 23) as u32);
-    let e = y * pow2;
-    if x.is_nan() {
-        x
-    } else if under {
-        0.0
-    } else {
-        e
-    }
 }
 
 #[cfg(test)]

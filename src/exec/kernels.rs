@@ -220,6 +220,8 @@ pub struct GroupNormW {
     eps: f64,
     gamma: Tensor<4>,
     beta: Tensor<4>,
+    /// The affine weights on the host, for the CPU kernel ([`super::cpu_ops::group_norm`]).
+    host: std::sync::Arc<(Vec<f32>, Vec<f32>)>,
 }
 
 impl GroupNormW {
@@ -232,23 +234,47 @@ impl GroupNormW {
         eps: f64,
         dev: &Device,
     ) -> Result<Self, WeightError> {
+        let gamma = files.read(&format!("{path}.weight"), &[c])?;
+        let beta = files.read(&format!("{path}.bias"), &[c])?;
         Ok(GroupNormW {
             groups,
             eps,
-            gamma: upload(
-                &[1, c, 1, 1],
-                files.read(&format!("{path}.weight"), &[c])?,
-                dev,
-            ),
-            beta: upload(
-                &[1, c, 1, 1],
-                files.read(&format!("{path}.bias"), &[c])?,
-                dev,
-            ),
+            gamma: upload(&[1, c, 1, 1], gamma.clone(), dev),
+            beta: upload(&[1, c, 1, 1], beta.clone(), dev),
+            host: std::sync::Arc::new((gamma, beta)),
         })
     }
 
+    /// `silu(norm(x))` in one pass on the CPU backend.
+    pub(crate) fn apply_silu(&self, x: Tensor<4>) -> Tensor<4> {
+        if on_cpu(&x) {
+            return self.apply_cpu(x, true);
+        }
+        silu(self.apply(x))
+    }
+
+    fn apply_cpu(&self, x: Tensor<4>, silu: bool) -> Tensor<4> {
+        let [b, c, h, w] = x.dims();
+        let dev = x.device();
+        let (gamma, beta) = self.host.as_ref();
+        let y = super::cpu_ops::group_norm(
+            &host(x),
+            b,
+            c,
+            h * w,
+            self.groups,
+            self.eps,
+            gamma,
+            beta,
+            silu,
+        );
+        upload(&[b, c, h, w], y, &dev)
+    }
+
     pub(crate) fn apply(&self, x: Tensor<4>) -> Tensor<4> {
+        if on_cpu(&x) {
+            return self.apply_cpu(x, false);
+        }
         let [b, c, h, w] = x.dims();
         let g = self.groups;
         let x = x.reshape([b, g, c / g * h * w]);
@@ -647,10 +673,10 @@ impl Kernel {
                 } = r.as_ref();
                 let x = arg(0).r4();
                 let t = arg(1).r2();
-                let h = conv1.apply(silu(norm1.apply(x.clone())));
+                let h = conv1.apply(norm1.apply_silu(x.clone()));
                 let [b, o] = [h.dims()[0], h.dims()[1]];
                 let t = temb.apply(silu(t)).reshape([b, o, 1, 1]);
-                let h = conv2.apply(silu(norm2.apply(h + t)));
+                let h = conv2.apply(norm2.apply_silu(h + t));
                 let x = match shortcut {
                     Some(s) => s.apply(x),
                     None => x,
@@ -940,6 +966,27 @@ pub fn attend(
         }
     };
     o.swap_dims(1, 2).reshape([b, n, cv])
+}
+
+/// Whether a tensor lives on the CPU backend (flex), where rewire's own CPU kernels run.
+fn on_cpu<const D: usize>(t: &Tensor<D>) -> bool {
+    #[cfg(feature = "flex")]
+    {
+        t.device() == Device::flex()
+    }
+    #[cfg(not(feature = "flex"))]
+    {
+        let _ = t;
+        false
+    }
+}
+
+/// A tensor's values as f32 on the host.
+fn host<const D: usize>(t: Tensor<D>) -> Vec<f32> {
+    t.into_data()
+        .convert::<f32>()
+        .try_into_vec::<f32>()
+        .expect("f32 data after convert")
 }
 
 /// [`attend`] through rewire's CPU kernel: the tensors' data in, one upload out.

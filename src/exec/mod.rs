@@ -7,7 +7,9 @@
 //! Try it: `rewire forward models/tiny-sd --inputs tests/fixtures/unet_cases/baseline.safetensors --out /tmp/out.safetensors`.
 
 pub mod cpu_attention;
+pub mod cpu_ops;
 pub(crate) mod kernels;
+pub mod simd;
 pub mod tome;
 
 pub use kernels::{AttentionImpl, Kernel, Value, attend};
@@ -153,6 +155,8 @@ struct Step {
     label: String,
     path: String,
     op: &'static str,
+    /// Estimated FLOPs of the node (for profiles).
+    flops: u64,
     /// The last node of a block, an input or an output: checked under [`FiniteCheck::Boundaries`].
     boundary: bool,
     kernel: Kernel,
@@ -278,7 +282,13 @@ impl Plan {
                 }
             };
             let next = order.get(i + 1).map(|&m| block_of(&graph.g[m].path));
+            let in_shapes: Vec<&[usize]> = graph
+                .inputs_of(n)
+                .iter()
+                .map(|&m| graph.g[m].shape.as_slice())
+                .collect();
             steps.push(Step {
+                flops: node.op.flops(&in_shapes, &node.shape),
                 label: node.label(),
                 path: match &node.op {
                     Op::Input { name, .. } => name.clone(),
@@ -331,13 +341,13 @@ impl Plan {
     /// [`ExecError::NonFinite`] naming the first node that produced it (see [`FiniteCheck`]).
     pub fn run(&self, given: HashMap<String, Value>) -> Result<HashMap<String, Value>, ExecError> {
         match self.check {
-            FiniteCheck::Off | FiniteCheck::EveryNode => self.run_checked(given, self.check),
+            FiniteCheck::Off | FiniteCheck::EveryNode => self.run_checked(given, self.check, None),
             FiniteCheck::Boundaries => {
                 // Device tensors are reference-counted: keeping the inputs costs no copy.
                 let kept = given.clone();
-                match self.run_checked(given, FiniteCheck::Boundaries) {
+                match self.run_checked(given, FiniteCheck::Boundaries, None) {
                     Err(ExecError::NonFinite { .. }) => {
-                        self.run_checked(kept, FiniteCheck::EveryNode)?;
+                        self.run_checked(kept, FiniteCheck::EveryNode, None)?;
                         unreachable_finite()
                     }
                     other => other,
@@ -346,10 +356,27 @@ impl Plan {
         }
     }
 
+    /// [`Plan::run`] with each node timed: the device is synchronised after every node, so the
+    /// times are the node's own (and the whole run is slower on asynchronous backends). The
+    /// plan's finite check applies at block boundaries only.
+    pub fn run_profiled(
+        &self,
+        given: HashMap<String, Value>,
+    ) -> Result<(HashMap<String, Value>, Vec<crate::profile::StepTime>), ExecError> {
+        let check = match self.check {
+            FiniteCheck::Off => FiniteCheck::Off,
+            _ => FiniteCheck::Boundaries,
+        };
+        let mut times = Vec::with_capacity(self.steps.len());
+        let out = self.run_checked(given, check, Some(&mut times))?;
+        Ok((out, times))
+    }
+
     fn run_checked(
         &self,
         mut given: HashMap<String, Value>,
         check: FiniteCheck,
+        mut times: Option<&mut Vec<crate::profile::StepTime>>,
     ) -> Result<HashMap<String, Value>, ExecError> {
         let mut slots: Vec<Option<Value>> = Vec::with_capacity(self.steps.len());
         slots.resize_with(self.steps.len(), || None);
@@ -418,7 +445,17 @@ impl Plan {
                     v.unwrap_or_else(|| panic!("plan bug: {} reads an empty slot", step.label))
                 })
                 .collect();
+            let start = times.as_ref().map(|_| std::time::Instant::now());
             let v = step.kernel.run(args);
+            if let (Some(times), Some(start)) = (times.as_deref_mut(), start) {
+                let _ = self.device.sync();
+                times.push(crate::profile::StepTime {
+                    path: step.path.clone(),
+                    op: step.op,
+                    seconds: start.elapsed().as_secs_f64(),
+                    flops: step.flops,
+                });
+            }
             checked(step, &v)?;
             slots[i] = Some(v);
         }
