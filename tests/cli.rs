@@ -136,3 +136,68 @@ fn bad_inputs_give_errors_not_panics() {
     assert!(!ok && err.contains("sizes must be positive"), "{err}");
     assert!(!out.exists(), "no output written on failure");
 }
+
+#[test]
+fn profile_times_every_node_as_table_and_json() {
+    let (ok, out, err) = rewire(&["profile", "models/tiny-sd", "--json", "--runs", "2"]);
+    assert!(ok, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["runs"], 2);
+    let nodes = v["nodes"].as_array().unwrap();
+    let graph: serde_json::Value = {
+        let (ok, out, err) = rewire(&["graph", "models/tiny-sd", "--format", "json"]);
+        assert!(ok, "{err}");
+        serde_json::from_str(&out).unwrap()
+    };
+    // Every computed node is timed: the graph's nodes (all of which an output needs) but its
+    // inputs.
+    let computed = graph["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|n| n["op"] != "input")
+        .count();
+    assert_eq!(nodes.len(), computed);
+    let ops: Vec<&str> = v["by_op"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|o| o["op"].as_str().unwrap())
+        .collect();
+    for op in ["attention", "resnet", "conv2d", "linear"] {
+        assert!(ops.contains(&op), "{op} missing from {ops:?}");
+    }
+    let total = v["seconds"].as_f64().unwrap();
+    let summed: f64 = nodes.iter().map(|n| n["seconds"].as_f64().unwrap()).sum();
+    assert!(
+        total > 0.0 && summed <= total * 1.001,
+        "{summed} of {total}"
+    );
+    let attn = &v["by_op"].as_array().unwrap()[ops.iter().position(|o| *o == "attention").unwrap()];
+    assert!(attn["flops"].as_u64().unwrap() > 0);
+
+    // A config file runs with random weights; the table names ops and the slowest nodes.
+    let (ok, out, err) = rewire(&[
+        "profile",
+        "models/tiny-sd/unet/config.json",
+        "--size",
+        "8x8",
+        "--batch",
+        "1",
+        "--top",
+        "3",
+    ]);
+    assert!(ok, "{err}");
+    assert!(
+        out.contains("GFLOP/s") && out.contains("slowest nodes:"),
+        "{out}"
+    );
+    assert_eq!(
+        out.lines()
+            .filter(|l| l.starts_with("  ") && l.contains(" s  "))
+            .count(),
+        3
+    );
+    let (ok, _, err) = rewire(&["profile", "models/tiny-sd", "--runs", "0"]);
+    assert!(!ok && err.contains("--runs must be at least 1"), "{err}");
+}

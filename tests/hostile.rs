@@ -672,3 +672,72 @@ fn check_finite_flag_and_suspicious_values_warn() {
         "{err}"
     );
 }
+
+/// Tokenizer and text encoder configs that disagree with each other or with their weights, and
+/// prompts longer than the encoder reads.
+#[test]
+fn forged_text_configs_and_long_prompts() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("x.png");
+    let run = |model: &Path, prompt: &str| {
+        rewire(&[
+            "run",
+            s(model),
+            "--prompt",
+            prompt,
+            "--steps",
+            "1",
+            "-o",
+            s(&out),
+        ])
+    };
+    // model_max_length above max_position_embeddings: refused when the pipeline opens.
+    let m = copy_model(&dir.path().join("a"));
+    set_json(
+        &m.join("tokenizer/tokenizer_config.json"),
+        "model_max_length",
+        "1000000",
+    );
+    let (ok, _, err) = run(&m, "a cat");
+    assert!(
+        !ok && err.contains("tokenizer_config.json")
+            && err.contains("model_max_length")
+            && err.contains("max_position_embeddings = 77")
+            && err.contains("hint:"),
+        "{err}"
+    );
+    // num_hidden_layers below the layers the weights hold.
+    let m = copy_model(&dir.path().join("b"));
+    set_json(
+        &m.join("text_encoder/config.json"),
+        "num_hidden_layers",
+        "0",
+    );
+    let (ok, _, err) = run(&m, "a cat");
+    assert!(
+        !ok && err.contains("num_hidden_layers") && err.contains("encoder.layers.0"),
+        "{err}"
+    );
+    // An end token outside the vocabulary.
+    let m = copy_model(&dir.path().join("c"));
+    set_json(
+        &m.join("text_encoder/config.json"),
+        "eos_token_id",
+        "1000000",
+    );
+    let (ok, _, err) = run(&m, "a cat");
+    assert!(
+        !ok && err.contains("eos_token_id") && err.contains("vocab_size"),
+        "{err}"
+    );
+    assert!(!out.exists());
+    // A prompt past 77 tokens runs, with a warning that names what was cut.
+    let long = format!("{} the end", "word ".repeat(10_000));
+    let (ok, _, err) = run(&tiny_sd(), &long);
+    assert!(ok, "{err}");
+    assert!(
+        err.contains("warning: the prompt has 10004 tokens, the text encoder reads 77")
+            && err.contains("cut off: \"word word"),
+        "{err}"
+    );
+}

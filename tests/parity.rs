@@ -40,6 +40,12 @@ fn naive_attention_matches_diffusers() {
 fn half_precision_weights() {
     use rewire::exec::{Plan, WeightDtype};
     use rewire::unet::UNet;
+    if std::env::var("REWIRE_DEVICE").is_ok_and(|d| d != "flex" && d != "cpu") {
+        // Half-precision storage on a GPU backend needs the device's f16 support (lavapipe,
+        // CI's WGPU driver, has none); this test is about the CPU backend.
+        eprintln!("half_precision_weights: runs on flex only");
+        return;
+    }
     let unet = UNet::open(&root().join("models/shapes-sd")).unwrap();
     let spec = rewire::graph::InputSpec::new(2, 8, 8);
     let graph = unet.graph(spec).unwrap();
