@@ -110,15 +110,7 @@ mod tests {
     use super::*;
 
     fn values(n: usize, seed: u32) -> Vec<f32> {
-        let mut s = seed.wrapping_mul(2_654_435_761).wrapping_add(1);
-        (0..n)
-            .map(|_| {
-                s ^= s << 13;
-                s ^= s >> 17;
-                s ^= s << 5;
-                (s as f32 / u32::MAX as f32) * 6.0 - 3.0
-            })
-            .collect()
+        crate::exec::simd::test_values(n, seed, -3.0, 3.0)
     }
 
     #[test]

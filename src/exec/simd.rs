@@ -99,6 +99,20 @@ pub fn has_avx2() -> bool {
     }
 }
 
+/// Deterministic test values in `[lo, hi)` (xorshift), for the CPU kernels' tests.
+#[cfg(test)]
+pub(crate) fn test_values(n: usize, seed: u32, lo: f32, hi: f32) -> Vec<f32> {
+    let mut s = seed.wrapping_mul(2_654_435_761).wrapping_add(1);
+    (0..n)
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 17;
+            s ^= s << 5;
+            lo + (s as f32 / u32::MAX as f32) * (hi - lo)
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
