@@ -691,45 +691,44 @@ fn forged_text_configs_and_long_prompts() {
             s(&out),
         ])
     };
-    // model_max_length above max_position_embeddings: refused when the pipeline opens.
-    let m = copy_model(&dir.path().join("a"));
-    set_json(
-        &m.join("tokenizer/tokenizer_config.json"),
-        "model_max_length",
-        "1000000",
-    );
-    let (ok, _, err) = run(&m, "a cat");
-    assert!(
-        !ok && err.contains("tokenizer_config.json")
-            && err.contains("model_max_length")
-            && err.contains("max_position_embeddings = 77")
-            && err.contains("hint:"),
-        "{err}"
-    );
-    // num_hidden_layers below the layers the weights hold.
-    let m = copy_model(&dir.path().join("b"));
-    set_json(
-        &m.join("text_encoder/config.json"),
-        "num_hidden_layers",
-        "0",
-    );
-    let (ok, _, err) = run(&m, "a cat");
-    assert!(
-        !ok && err.contains("num_hidden_layers") && err.contains("encoder.layers.0"),
-        "{err}"
-    );
-    // An end token outside the vocabulary.
-    let m = copy_model(&dir.path().join("c"));
-    set_json(
-        &m.join("text_encoder/config.json"),
-        "eos_token_id",
-        "1000000",
-    );
-    let (ok, _, err) = run(&m, "a cat");
-    assert!(
-        !ok && err.contains("eos_token_id") && err.contains("vocab_size"),
-        "{err}"
-    );
+    // Each forged field, in a copy of tiny-sd: the error names these words (and a hint).
+    let cases: [(&str, &str, &str, &[&str]); 3] = [
+        // model_max_length above max_position_embeddings: refused when the pipeline opens.
+        (
+            "tokenizer/tokenizer_config.json",
+            "model_max_length",
+            "1000000",
+            &[
+                "tokenizer_config.json",
+                "model_max_length",
+                "max_position_embeddings = 77",
+                "hint:",
+            ],
+        ),
+        // num_hidden_layers below the layers the weights hold.
+        (
+            "text_encoder/config.json",
+            "num_hidden_layers",
+            "0",
+            &["num_hidden_layers", "encoder.layers.0", "hint:"],
+        ),
+        // An end token outside the vocabulary.
+        (
+            "text_encoder/config.json",
+            "eos_token_id",
+            "1000000",
+            &["eos_token_id", "vocab_size", "hint:"],
+        ),
+    ];
+    for (i, (file, field, value, words)) in cases.into_iter().enumerate() {
+        let m = copy_model(&dir.path().join(format!("m{i}")));
+        set_json(&m.join(file), field, value);
+        let (ok, _, err) = run(&m, "a cat");
+        assert!(!ok, "{field} = {value} was accepted");
+        for w in words {
+            assert!(err.contains(w), "{field} = {value}: no {w:?} in {err}");
+        }
+    }
     assert!(!out.exists());
     // A prompt past 77 tokens runs, with a warning that names what was cut.
     let long = format!("{} the end", "word ".repeat(10_000));

@@ -997,12 +997,6 @@ fn cpu_attend(q: Tensor<3>, k: Tensor<3>, v: Tensor<3>, heads: usize) -> Tensor<
     let keys = k.dims()[1];
     let cv = v.dims()[2];
     let dev = q.device();
-    let host = |t: Tensor<3>| {
-        t.into_data()
-            .convert::<f32>()
-            .try_into_vec::<f32>()
-            .expect("f32 data after convert")
-    };
     let dims = Dims {
         batch,
         queries,
