@@ -111,10 +111,6 @@ enum Cmd {
         shape: ShapeArgs,
         #[arg(long)]
         no_fuse: bool,
-        /// Bind the recipe's words to this prompt (the last prompt of the runs the plan is for;
-        /// needs the pipeline's tokenizer/).
-        #[arg(long)]
-        prompt: Option<String>,
     },
 }
 
@@ -191,9 +187,15 @@ struct ShapeArgs {
     /// Latent size HxW (default: the config's sample_size).
     #[arg(long)]
     size: Option<String>,
-    /// Batch size (2 = one prompt with classifier-free guidance).
-    #[arg(long, default_value_t = 2)]
-    batch: usize,
+    /// Batch size (default 2 = one prompt with classifier-free guidance; with --prompt, twice
+    /// the prompts).
+    #[arg(long)]
+    batch: Option<usize>,
+    /// The prompts of the run this is for (repeatable, as for `run`): they size the batch
+    /// (twice their number, with guidance) and the recipe's words bind to the last one (needs
+    /// the pipeline's tokenizer/).
+    #[arg(long)]
+    prompt: Vec<String>,
     /// Text length (keys of cross-attention).
     #[arg(long, default_value_t = 77)]
     text_len: usize,
@@ -452,6 +454,18 @@ fn forward(a: ForwardArgs) -> Result<()> {
     } else {
         None
     };
+    if let (Some(c), Some(d)) = (&compiled, compiled.as_ref().and_then(|c| c.cache.as_ref()))
+        && let Some(i) = a.step
+        && !d.full(i)
+    {
+        bail!(
+            "recipe \"{}\": step {i} is a cached step (Cache, rewrite {}: a full step every {} steps); a single forward has no cached features\n  hint: run the job (`rewire run --recipe ...`), or forward a full step (--step {})",
+            c.recipe,
+            d.rewrite,
+            d.interval,
+            i - i % d.interval
+        );
+    }
     let graph = match &compiled {
         None => base.clone(),
         Some(c) => {
@@ -922,16 +936,50 @@ fn check_run_numbers(
     Ok(())
 }
 
+/// The batch a recipe is compiled for: `--batch`, else twice the prompts (CFG), else 2.
+fn shape_batch(shape: &ShapeArgs) -> Result<usize> {
+    let p = shape.prompt.len();
+    match (shape.batch, p) {
+        (Some(b), 0) => Ok(b),
+        (None, 0) => Ok(2),
+        (None, p) => Ok(2 * p),
+        (Some(b), p) if b == 2 * p => Ok(b),
+        (Some(b), p) => bail!(
+            "--batch {b} and {p} --prompt{} disagree\n  hint: with guidance a run's batch is twice its prompts ({}); give one of them",
+            if p == 1 { "" } else { "s" },
+            2 * p
+        ),
+    }
+}
+
+/// The recipe's words bound to the last `--prompt` (with the pipeline's tokenizer).
+fn shape_words(
+    model: &Path,
+    shape: &ShapeArgs,
+) -> Result<Option<std::collections::HashMap<String, Vec<usize>>>> {
+    let Some(last) = shape.prompt.last() else {
+        return Ok(None);
+    };
+    let dir = model.join("tokenizer");
+    let tok = rewire::clip::tokenizer::Tokenizer::open(&dir).with_context(|| {
+        format!(
+            "--prompt binds words with the pipeline's tokenizer, and {} has none",
+            model.display()
+        )
+    })?;
+    Ok(Some(tok.word_positions(last)))
+}
+
 fn compile_for(
     recipe: &Path,
     model: &Path,
     shape: &ShapeArgs,
     fuse: bool,
     require_bound_words: bool,
-    words: Option<std::collections::HashMap<String, Vec<usize>>>,
 ) -> Result<(UNet, Source, compile::Compiled)> {
+    let words = shape_words(model, shape)?;
     let unet = UNet::open(model)?;
-    let mut spec = spec_for(&unet, &shape.size, shape.batch)?;
+    let mut spec = spec_for(&unet, &shape.size, shape_batch(shape)?)?;
     spec.text_len = shape.text_len;
     let src = Source::load(recipe)?;
     let opts = CompileOptions {
@@ -984,6 +1032,76 @@ fn explain(c: &compile::Compiled) {
             c.unbound_words
         );
     }
+    if let Some(d) = &c.cache {
+        let full: Vec<String> = match c.steps {
+            Some(n) => (0..n)
+                .filter(|&i| d.full(i))
+                .map(|i| i.to_string())
+                .collect(),
+            None => vec![format!("0, {}, {}, …", d.interval, 2 * d.interval)],
+        };
+        println!(
+            "\ncache (rewrite {}): DeepCache, branch {}, a full step every {} steps (steps {})",
+            d.rewrite,
+            d.branch,
+            d.interval,
+            full.join(", ")
+        );
+        println!(
+            "  full steps record the features entering {} (the output of {}, {:?})",
+            d.resume, d.feature, d.shape
+        );
+        for seg in &c.segments {
+            if let Some(g) = &seg.cached {
+                let (fnodes, _, fflops) = seg.graph.totals();
+                let (cnodes, _, cflops) = g.totals();
+                println!(
+                    "  cached steps{} run {cnodes} of {fnodes} nodes, {:.2} of {:.2} GFLOP ({:.0}%)",
+                    match seg.steps {
+                        None => String::new(),
+                        Some((a, b)) => format!(" in {a}..{b}"),
+                    },
+                    cflops as f64 / 1e9,
+                    fflops as f64 / 1e9,
+                    100.0 * cflops as f64 / fflops.max(1) as f64
+                );
+            }
+        }
+    }
+    let slots = compile::state::slots(c);
+    if !slots.is_empty() {
+        println!("\nstate kept across steps and passes:");
+        let mut total = 0;
+        for s in &slots {
+            total += s.bytes;
+            let writes = match s.writes {
+                Some(0) => "recorded once, before the first step".to_string(),
+                Some(w) => format!(
+                    "written at {w} steps ({} per step)",
+                    bytes(s.bytes_per_step)
+                ),
+                None => "written at each step it is active in".to_string(),
+            };
+            println!(
+                "  {} {:?}: {}; {writes}; {}",
+                s.name,
+                s.shape,
+                bytes(s.bytes),
+                s.freed()
+            );
+        }
+        println!("  total held: {}", bytes(total));
+    }
+}
+
+fn bytes(n: usize) -> String {
+    if n >= 1 << 20 {
+        format!("{:.1} MiB", n as f64 / (1 << 20) as f64)
+    } else if n >= 1 << 10 {
+        format!("{:.1} KiB", n as f64 / 1024.0)
+    } else {
+        format!("{n} B")
+    }
 }
 
 fn main() {
@@ -1027,7 +1145,7 @@ fn run(cli: Cli) -> Result<()> {
             model,
             shape,
         } => {
-            let (_, src, c) = compile_for(&recipe, &model, &shape, true, false, None)?;
+            let (_, src, c) = compile_for(&recipe, &model, &shape, true, false)?;
             let layers: std::collections::BTreeSet<&str> = c
                 .segments
                 .iter()
@@ -1049,7 +1167,7 @@ fn run(cli: Cli) -> Result<()> {
             shape,
             no_fuse,
         } => {
-            let (_, _, c) = compile_for(&recipe, &model, &shape, !no_fuse, false, None)?;
+            let (_, _, c) = compile_for(&recipe, &model, &shape, !no_fuse, false)?;
             explain(&c);
             Ok(())
         }
@@ -1060,7 +1178,7 @@ fn run(cli: Cli) -> Result<()> {
             shape,
             no_fuse,
         } => {
-            let (_, _, c) = compile_for(&recipe, &model, &shape, !no_fuse, false, None)?;
+            let (_, _, c) = compile_for(&recipe, &model, &shape, !no_fuse, false)?;
             match format {
                 Format::Text => print!("{}", diff::text(&c)),
                 Format::Dot => print!("{}", diff::dot(&c)),
@@ -1074,24 +1192,11 @@ fn run(cli: Cli) -> Result<()> {
             output,
             shape,
             no_fuse,
-            prompt,
         } => {
             let t0 = std::time::Instant::now();
-            let words = match &prompt {
-                Some(p) => {
-                    let dir = model.join("tokenizer");
-                    let tok = rewire::clip::tokenizer::Tokenizer::open(&dir).with_context(|| {
-                        format!(
-                            "--prompt binds words with the pipeline's tokenizer, and {} has none",
-                            model.display()
-                        )
-                    })?;
-                    Some(tok.word_positions(p))
-                }
-                None => None,
-            };
-            let (unet, src, c) = compile_for(&recipe, &model, &shape, !no_fuse, true, words)?;
-            let plan = PlanFile::new(&c, unet.fingerprint(), src.fingerprint()).with_prompt(prompt);
+            let (unet, src, c) = compile_for(&recipe, &model, &shape, !no_fuse, true)?;
+            let plan = PlanFile::new(&c, unet.fingerprint(), src.fingerprint())
+                .with_prompt(shape.prompt.last().cloned());
             plan.save(&output)?;
             eprintln!(
                 "compiled {} → {} ({} segment{}) in {:.3}s",

@@ -704,20 +704,32 @@ impl Pipeline {
                 cache,
             )
         };
-        let plans: Vec<(Option<(usize, usize)>, Plan)> = match compiled {
-            None => vec![(None, lower(&self.unet.graph(spec)?, &mut cache)?)],
+        // Per step segment: the plan of its (full) steps and, with a Cache, of its cached steps.
+        type SegmentPlans = (Option<(usize, usize)>, Plan, Option<Plan>);
+        let plans: Vec<SegmentPlans> = match compiled {
+            None => vec![(None, lower(&self.unet.graph(spec)?, &mut cache)?, None)],
             Some(c) => c
                 .segments
                 .iter()
-                .map(|s| Ok((s.steps, lower(&s.graph, &mut cache)?)))
+                .map(|s| {
+                    let cached = match &s.cached {
+                        Some(g) => Some(lower(g, &mut cache)?),
+                        None => None,
+                    };
+                    Ok((s.steps, lower(&s.graph, &mut cache)?, cached))
+                })
                 .collect::<Result<_, PipelineError>>()?,
         };
-        let plan_for = |i: usize| {
-            plans
+        let deep = compiled.and_then(|c| c.cache.as_ref());
+        let plan_for = |i: usize, have_features: bool| {
+            let (_, full, cached) = plans
                 .iter()
-                .find(|(r, _)| r.is_none_or(|(a, b)| a <= i && i < b))
-                .map(|(_, p)| p)
-                .expect("segments cover every step")
+                .find(|(r, _, _)| r.is_none_or(|(a, b)| a <= i && i < b))
+                .expect("segments cover every step");
+            match (deep, cached) {
+                (Some(d), Some(p)) if !d.full(i) && have_features => p,
+                _ => full,
+            }
         };
 
         // Scheduler and initial latents.
@@ -761,6 +773,7 @@ impl Pipeline {
         let mut stores =
             StoreAccumulator::new(compiled.map(|c| c.stores.clone()).unwrap_or_default());
         let mut latents_per_step = Vec::new();
+        let mut features: HashMap<String, Value> = HashMap::new();
         for (i, &t) in timesteps.iter().enumerate() {
             let model_in: Vec<f32> = if cfg {
                 latents.iter().chain(&latents).copied().collect()
@@ -785,7 +798,18 @@ impl Pipeline {
                 inputs.insert("text_embeds".to_string(), text_embeds.clone());
                 inputs.insert("time_ids".to_string(), time_ids.clone());
             }
-            let out = plan_for(i).run_host(&inputs)?;
+            // A Cache's features stay on the device from a full step to the next.
+            // (Device tensors are reference-counted: the clone copies no data.)
+            let have = features.contains_key(crate::compile::cache::FEATURES);
+            let plan = plan_for(i, have);
+            let (out, kept) = plan.run_with_state(
+                &inputs,
+                features.clone(),
+                &[crate::compile::cache::FEATURES],
+            )?;
+            if !kept.is_empty() {
+                features = kept;
+            }
             stores.add(&out);
             let eps = &out["out"].data;
             let noise: Vec<f32> = if cfg {

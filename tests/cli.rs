@@ -201,3 +201,69 @@ fn profile_times_every_node_as_table_and_json() {
     let (ok, _, err) = rewire(&["profile", "models/tiny-sd", "--runs", "0"]);
     assert!(!ok && err.contains("--runs must be at least 1"), "{err}");
 }
+
+/// `check`/`explain`/`diff`/`compile` size the batch from `--prompt` as `run` does, and a
+/// recipe that needs a larger batch says which `--batch` or how many prompts.
+#[test]
+fn prompts_size_the_batch_of_check_explain_diff_compile() {
+    let recipe = "rewrites/p2p_word_swap.ron";
+    let (ok, _, err) = rewire(&[
+        "explain",
+        recipe,
+        "--model",
+        "models/shapes-sd",
+        "--steps",
+        "20",
+    ]);
+    assert!(!ok);
+    assert!(
+        err.contains("BatchItem(2) is outside the batch of 2")
+            && err.contains("give 2 prompts")
+            && err.contains("--batch 4"),
+        "{err}"
+    );
+    let two = [
+        "--prompt",
+        "a red circle on the left",
+        "--prompt",
+        "a blue circle on the left",
+    ];
+    for cmd in ["check", "explain", "diff"] {
+        let mut args = vec![cmd, recipe, "--model", "models/shapes-sd", "--steps", "20"];
+        args.extend(two);
+        let (ok, out, err) = rewire(&args);
+        assert!(ok, "{cmd}: {err}");
+        assert!(!out.is_empty(), "{cmd} printed nothing");
+    }
+    let (ok, _, err) = rewire(&[
+        "check",
+        recipe,
+        "--model",
+        "models/shapes-sd",
+        "--steps",
+        "20",
+        "--batch",
+        "2",
+        "--prompt",
+        "a red circle",
+        "--prompt",
+        "a blue circle",
+    ]);
+    assert!(
+        !ok && err.contains("--batch 2 and 2 --prompts disagree"),
+        "{err}"
+    );
+    // Words bind to the last prompt: a word it lacks is a located error.
+    let (ok, _, err) = rewire(&[
+        "check",
+        "rewrites/p2p_reweight_red.ron",
+        "--model",
+        "models/shapes-sd",
+        "--prompt",
+        "a blue square",
+    ]);
+    assert!(
+        !ok && err.contains("p2p_reweight_red.ron:") && err.contains("not in the prompt"),
+        "{err}"
+    );
+}

@@ -156,6 +156,56 @@ fn batch_item_outside_the_batch() {
         "BatchItem(5)",
         "BatchItem(5) is outside the batch of 4",
     );
+    // The hint says how to get a batch that holds the item.
+    assert!(
+        e.contains("give 3 prompts") && e.contains("--batch 6"),
+        "{e}"
+    );
+}
+
+/// Ops that change token counts or act on the whole batch default to `branch: Both` (what a
+/// tomesd user means); the others to `Cond`; an explicit branch still counts.
+#[test]
+fn whole_batch_ops_default_to_both() {
+    let unet = UNet::open(&tiny_sd()).unwrap();
+    let base = unet.graph(InputSpec::new(2, 16, 16)).unwrap();
+    let compiled = |rewrite: &str| {
+        let src = Source::parse(&one(rewrite), Path::new("recipe.ron")).unwrap();
+        compile_graph(&src, &base, &CompileOptions::fused()).map(|c| {
+            let s = &c.segments[0];
+            (rewire::graph::dump::text(&s.graph), s.layers.clone())
+        })
+    };
+    for op in ["MergeTokens(ratio: 0.5)", "MergeKv(ratio: 0.5)"] {
+        let sel = "select: Select(kind: Some(Self), max_downsample: Some(1))";
+        let implicit = compiled(&format!("Rewrite({sel}, op: {op})")).unwrap();
+        let explicit = compiled(&format!("Rewrite({sel}, branch: Both, op: {op})")).unwrap();
+        assert_eq!(implicit.0, explicit.0, "{op}: the default is Both");
+        assert!(!implicit.1.is_empty(), "{op} landed");
+        let r = one(&format!("Rewrite({sel}, branch: Cond, op: {op})"));
+        let e = error(&r, 2, None);
+        assert_at(&e, &r, "Cond", "changes the token count");
+    }
+    // Reweight keeps Cond: only the cond item's probabilities are touched.
+    let (_, layers) =
+        compiled("Rewrite(select: Select(kind: Some(Cross)), op: Reweight(tokens: {1: 2.0}, renormalize: true))")
+            .unwrap();
+    let unfused = {
+        let src = Source::parse(
+            &one("Rewrite(select: Select(kind: Some(Cross)), op: Reweight(tokens: {1: 2.0}))"),
+            Path::new("recipe.ron"),
+        )
+        .unwrap();
+        compile_graph(&src, &base, &CompileOptions::default()).unwrap()
+    };
+    assert!(!layers.is_empty());
+    assert!(
+        unfused.segments[0]
+            .layers
+            .iter()
+            .all(|l| l.materialised == vec![1]),
+        "Reweight defaults to the cond item"
+    );
 }
 
 #[test]
@@ -200,7 +250,9 @@ fn unknown_op_is_located() {
     assert!(e.starts_with(&format!("recipe.ron:{l}:")), "{e}");
     assert!(
         e.contains("Frobnicate")
-            && e.contains("Reweight, Store, ReplaceMaps, ReplaceKv, MergeKv and MergeTokens"),
+            && e.contains(
+                "Reweight, Store, ReplaceMaps, ReplaceKv, MergeKv, MergeTokens and Cache"
+            ),
         "{e}"
     );
 }

@@ -12,8 +12,10 @@
 //!
 //! Try it: `rewire explain rewrites/reweight_renorm.ron --model models/tiny-sd`.
 
+pub mod cache;
 pub mod diff;
 pub mod plan_file;
+pub mod state;
 pub mod store;
 
 use crate::graph::patch::{Patch, Src};
@@ -111,6 +113,9 @@ pub struct Segment {
     pub layers: Vec<LayerReport>,
     /// The passes' patch labels, in order.
     pub patches: Vec<String>,
+    /// With a recipe's `Cache`: the graph of the cached steps (the shallow branch, reading
+    /// [`cache::FEATURES`]); `graph` is then the full steps' graph, which also outputs them.
+    pub cached: Option<Graph>,
 }
 
 /// A compiled recipe: the untouched graph and one rewritten graph per step segment.
@@ -127,6 +132,8 @@ pub struct Compiled {
     pub records: Vec<Record>,
     /// Store outputs (`probs.<layer>`) and how each combines the steps of a run.
     pub stores: BTreeMap<String, crate::recipe::Reduce>,
+    /// A recipe's `Cache` (DeepCache), resolved on the graph.
+    pub cache: Option<cache::CacheSpec>,
 }
 
 impl Compiled {
@@ -223,6 +230,7 @@ pub fn compile_graph(
     let recipe = &src.recipe;
     let text_len = spec.text_len;
     let mut unbound_words = Vec::new();
+    let mut cache: Option<cache::CacheSpec> = None;
 
     // ---- validate each rewrite on its own, and find where it lands ----
     let mut landings: BTreeMap<String, Vec<Landing>> = BTreeMap::new();
@@ -328,16 +336,14 @@ pub fn compile_graph(
         }
 
         // branch
-        let branch_items = rw.branch.items(spec.batch);
+        let branch = rw.branch();
+        let branch_items = branch.items(spec.batch);
         if branch_items.is_empty() {
             return Err(src
                 .error(
                     &at(i, &[Seg::Field("branch")]),
                     "branch",
-                    format!(
-                        "branch {:?} is empty in a batch of {}",
-                        rw.branch, spec.batch
-                    ),
+                    format!("branch {:?} is empty in a batch of {}", branch, spec.batch),
                     "a batch of 1 has no unconditional half; use Cond or Both",
                 )
                 .into());
@@ -522,10 +528,16 @@ pub fn compile_graph(
                                     "BatchItem({}) is outside the batch of {}",
                                     item.0, spec.batch
                                 ),
-                                format!(
-                                    "batch items run 0..{} in diffusers order [uncond..., cond...]",
-                                    spec.batch
-                                ),
+                                {
+                                    // With guidance the batch is [uncond × P, cond × P].
+                                    let need = (item.0 + 1).next_multiple_of(2);
+                                    format!(
+                                        "batch items run 0..{} in diffusers order [uncond..., cond...]; BatchItem({}) needs a batch of at least {need}: give {} prompts (--prompt, repeated) or --batch {need}",
+                                        spec.batch,
+                                        item.0,
+                                        need / 2
+                                    )
+                                },
                             )
                             .into());
                     }
@@ -536,7 +548,7 @@ pub fn compile_graph(
                                 "batch-item",
                                 format!(
                                     "BatchItem({}) is not in the {:?} branch (items {:?})",
-                                    item.0, rw.branch, branch_items
+                                    item.0, branch, branch_items
                                 ),
                                 "set branch: Both to reach any item, or pick an item of the branch",
                             )
@@ -649,7 +661,7 @@ pub fn compile_graph(
                                 )
                                 .into());
                         }
-                        if rw.branch != crate::recipe::Branch::Both {
+                        if branch != crate::recipe::Branch::Both {
                             return Err(src
                                 .error(
                                     &at(i, &[Seg::Field("branch")]),
@@ -661,6 +673,13 @@ pub fn compile_graph(
                         }
                     }
                 }
+            }
+            RewriteOp::Cache {
+                interval,
+                branch: cb,
+            } => {
+                cache = Some(check_cache(src, base, i, &cache, *interval, *cb, branch)?);
+                chosen.clear();
             }
             RewriteOp::MergeKv { ratio, sx, sy, .. }
             | RewriteOp::MergeTokens { ratio, sx, sy, .. } => {
@@ -723,7 +742,7 @@ pub fn compile_graph(
                         .error(&op_path, "merge", format!("{sx}×{sy} cells do not fit the {}×{} token grid of {}", g.1, g.0, layers[j].1), "use smaller sx/sy, or select layers with larger grids (max_downsample)")
                         .into());
                 }
-                if rw.branch != crate::recipe::Branch::Both {
+                if branch != crate::recipe::Branch::Both {
                     return Err(src
                         .error(
                             &at(i, &[Seg::Field("branch")]),
@@ -1098,11 +1117,22 @@ pub fn compile_graph(
                 }
             }
         }
+        let cached = match &cache {
+            None => None,
+            Some(spec) => {
+                let (record, cached) = cache::split(&graph, spec)
+                    .map_err(|e| cache_error(src, &landings, recipe, spec.rewrite, e))?;
+                apply_pass(&mut graph, &record)?;
+                patches.push(record.label.clone());
+                Some(cached)
+            }
+        };
         out.push(Segment {
             steps: seg,
             graph,
             layers: reports,
             patches,
+            cached,
         });
     }
     Ok(Compiled {
@@ -1114,7 +1144,118 @@ pub fn compile_graph(
         unbound_words,
         records,
         stores,
+        cache,
     })
+}
+
+/// Validates a recipe's `Cache` (rewrite `i`) and resolves it on the base graph.
+fn check_cache(
+    src: &Source,
+    base: &Graph,
+    i: usize,
+    earlier: &Option<cache::CacheSpec>,
+    interval: usize,
+    branch_id: usize,
+    branch: crate::recipe::Branch,
+) -> Result<cache::CacheSpec, CompileError> {
+    let err = |path: &[Seg], message: String, hint: &str| -> CompileError {
+        src.error(path, "cache", message, hint).into()
+    };
+    if let Some(e) = earlier {
+        return Err(err(
+            &at(i, &[]),
+            format!(
+                "rewrite {} already caches the UNet: one Cache per recipe",
+                e.rewrite
+            ),
+            "keep one Cache",
+        ));
+    }
+    if src.written(&at(i, &[Seg::Field("select")])) {
+        return Err(err(
+            &at(i, &[Seg::Field("select")]),
+            "Cache acts on the whole UNet, not on selected attention layers".into(),
+            "remove select: the branch decides what cached steps run",
+        ));
+    }
+    if src.written(&at(i, &[Seg::Field("steps")])) {
+        return Err(err(
+            &at(i, &[Seg::Field("steps")]),
+            "Cache runs through the whole run: a full step every `interval` steps".into(),
+            "remove steps",
+        ));
+    }
+    if branch != crate::recipe::Branch::Both {
+        return Err(err(
+            &at(i, &[Seg::Field("branch")]),
+            format!(
+                "Cache reuses the features of the whole batch (both CFG halves, as DeepCache does), not the {branch:?} half"
+            ),
+            "remove branch (Cache defaults to Both)",
+        ));
+    }
+    if interval < 2 {
+        return Err(err(
+            &at(i, &[Seg::Field("op"), Seg::Field("interval")]),
+            format!("interval {interval} caches nothing: every step would run in full"),
+            "DeepCache uses intervals of 2 to 5 (3 is its default)",
+        ));
+    }
+    cache::resolve(base, i, interval, branch_id).map_err(|e| match e {
+        cache::CacheError::NoBranch {
+            up_blocks, layers, ..
+        } => err(
+            &at(i, &[Seg::Field("op"), Seg::Field("branch")]),
+            format!(
+                "branch {branch_id} (block {}, layer {}) is not a shallow branch of this UNet: it has {up_blocks} up blocks with {layers:?} layers",
+                branch_id / 3,
+                branch_id % 3
+            ),
+            "branch = 3·block + layer, block counted from the outside, layer from the up block's last layer; branch 0 reuses the most",
+        ),
+        other => err(&at(i, &[]), other.to_string(), "report this as a bug"),
+    })
+}
+
+/// A Cache's split failing on a segment, as a located error.
+fn cache_error(
+    src: &Source,
+    landings: &BTreeMap<String, Vec<Landing>>,
+    recipe: &crate::recipe::Recipe,
+    rewrite: usize,
+    e: cache::CacheError,
+) -> CompileError {
+    match e {
+        cache::CacheError::SkippedOutput { output } => {
+            let layer = output.strip_prefix("probs.").unwrap_or(&output);
+            let store = landings.get(layer).and_then(|ls| {
+                ls.iter()
+                    .find(|l| matches!(recipe.rewrites[l.rewrite].op, RewriteOp::Store { .. }))
+            });
+            let at_ = at(store.map_or(rewrite, |l| l.rewrite), &[]);
+            src.error(
+                &at_,
+                "cache",
+                format!(
+                    "{output} needs layers that the Cache (rewrite {rewrite}) skips at cached steps"
+                ),
+                "store layers of the shallow branch only (those that run at every step: `rewire explain` lists them), or a larger Cache branch (it runs more layers at every step)",
+            )
+            .into()
+        }
+        cache::CacheError::Graph(g) => CompileError::Pass {
+            pass: "cache".into(),
+            source: Box::new(g),
+        },
+        other => src
+            .error(
+                &at(rewrite, &[]),
+                "cache",
+                other.to_string(),
+                "report this as a bug",
+            )
+            .into(),
+    }
 }
 
 /// Applies one pass's patch and runs the consistency check; errors name the pass.

@@ -67,6 +67,9 @@ struct SegmentFile {
     steps: Option<(usize, usize)>,
     nodes: Vec<NodeFile>,
     layers: Vec<LayerReport>,
+    /// With a Cache: the cached steps' graph.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    cached: Option<Vec<NodeFile>>,
 }
 
 /// The plan format this build writes and reads.
@@ -91,6 +94,8 @@ pub struct PlanFile {
     #[serde(default)]
     stores: std::collections::BTreeMap<String, crate::recipe::Reduce>,
     segments: Vec<SegmentFile>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    cache: Option<super::cache::CacheSpec>,
     checksum: String,
 }
 
@@ -136,8 +141,10 @@ impl PlanFile {
                     steps: s.steps,
                     nodes: graph_nodes(&s.graph),
                     layers: s.layers.clone(),
+                    cached: s.cached.as_ref().map(graph_nodes),
                 })
                 .collect(),
+            cache: c.cache.clone(),
             checksum: String::new(),
         };
         p.checksum = p.digest();
@@ -226,13 +233,6 @@ impl PlanFile {
         }
         let mut segments = Vec::new();
         for (si, s) in self.segments.iter().enumerate() {
-            if let Err(e) = crate::limits::at_most(
-                s.nodes.len(),
-                crate::limits::MAX_PLAN_NODES,
-                "MAX_PLAN_NODES",
-            ) {
-                return Err(format(format!("segment {si}: too many nodes: {e}")));
-            }
             if let Some((a, b)) = s.steps
                 && (a >= b || self.steps.is_some_and(|n| b > n))
             {
@@ -241,45 +241,49 @@ impl PlanFile {
                     self.steps
                 )));
             }
-            let mut g = Graph::new(self.spec);
-            let mut ids = Vec::with_capacity(s.nodes.len());
-            for (ni, n) in s.nodes.iter().enumerate() {
-                if let Some(reason) =
-                    n.op.check_params()
-                        .err()
-                        .or_else(|| foreign_op(&own, &n.path, &n.op))
-                {
+            let g = self.rebuild(path, si, &s.nodes, &own)?;
+            let cached = match (&self.cache, &s.cached) {
+                (None, None) => None,
+                (Some(_), Some(nodes)) => Some(self.rebuild(path, si, nodes, &own)?),
+                _ => {
                     return Err(format(format!(
-                        "segment {si}, node {ni} ({} [{}]): {reason}",
-                        n.path,
-                        n.op.name()
+                        "segment {si}: `cache` and the segment's `cached` graph come together"
                     )));
                 }
-                let ins: Option<Vec<_>> = n.inputs.iter().map(|&i| ids.get(i).copied()).collect();
-                let ins = ins.ok_or_else(|| PlanError::Format {
-                    path: path.to_path_buf(),
-                    reason: format!("segment {si}, node {ni}: a node reads a later node"),
-                })?;
-                let id = g
-                    .add(n.path.clone(), n.op.clone(), &ins)
-                    .map_err(|source| PlanError::Graph {
-                        path: path.to_path_buf(),
-                        segment: si,
-                        source: Box::new(source),
-                    })?;
-                ids.push(id);
-            }
-            g.check(None).map_err(|source| PlanError::Graph {
-                path: path.to_path_buf(),
-                segment: si,
-                source: Box::new(source),
-            })?;
+            };
             segments.push(Segment {
                 steps: s.steps,
                 graph: g,
                 layers: s.layers.clone(),
                 patches: vec![],
+                cached,
             });
+        }
+        if let Some(c) = &self.cache {
+            let again = (c.interval >= 2)
+                .then(|| super::cache::resolve(base, c.rewrite, c.interval, c.branch).ok())
+                .flatten();
+            if again.as_ref() != Some(c) {
+                return Err(format(format!(
+                    "`cache` (interval {}, branch {}) does not resolve to the same features on this model",
+                    c.interval, c.branch
+                )));
+            }
+            let feature = super::cache::FEATURES;
+            for (si, s) in segments.iter().enumerate() {
+                let records = s.graph.outputs().iter().any(|(n, _)| n == feature);
+                let reads = s.cached.as_ref().is_some_and(|g| {
+                    g.inputs()
+                        .iter()
+                        .any(|(n, i)| n == feature && g.g[*i].shape == c.shape)
+                });
+                if !records || !reads {
+                    return Err(format(format!(
+                        "segment {si}: the full graph must output `{feature}` and the cached graph read it as {:?}",
+                        c.shape
+                    )));
+                }
+            }
         }
         Ok(Compiled {
             recipe: self.recipe.clone(),
@@ -290,7 +294,62 @@ impl PlanFile {
             unbound_words: vec![],
             records: self.records.clone(),
             stores: self.stores.clone(),
+            cache: self.cache.clone(),
         })
+    }
+
+    /// One graph of a segment, checked node by node against the model's own ops.
+    fn rebuild(
+        &self,
+        path: &Path,
+        si: usize,
+        nodes: &[NodeFile],
+        own: &std::collections::HashMap<&str, Vec<&Op>>,
+    ) -> Result<Graph, PlanError> {
+        let format = |reason: String| PlanError::Format {
+            path: path.to_path_buf(),
+            reason,
+        };
+        if let Err(e) =
+            crate::limits::at_most(nodes.len(), crate::limits::MAX_PLAN_NODES, "MAX_PLAN_NODES")
+        {
+            return Err(format(format!("segment {si}: too many nodes: {e}")));
+        }
+        let cached = self.cache.is_some();
+        let mut g = Graph::new(self.spec);
+        let mut ids = Vec::with_capacity(nodes.len());
+        for (ni, n) in nodes.iter().enumerate() {
+            if let Some(reason) =
+                n.op.check_params()
+                    .err()
+                    .or_else(|| foreign_op(own, &n.path, &n.op, cached))
+            {
+                return Err(format(format!(
+                    "segment {si}, node {ni} ({} [{}]): {reason}",
+                    n.path,
+                    n.op.name()
+                )));
+            }
+            let ins: Option<Vec<_>> = n.inputs.iter().map(|&i| ids.get(i).copied()).collect();
+            let ins = ins.ok_or_else(|| PlanError::Format {
+                path: path.to_path_buf(),
+                reason: format!("segment {si}, node {ni}: a node reads a later node"),
+            })?;
+            let id = g
+                .add(n.path.clone(), n.op.clone(), &ins)
+                .map_err(|source| PlanError::Graph {
+                    path: path.to_path_buf(),
+                    segment: si,
+                    source: Box::new(source),
+                })?;
+            ids.push(id);
+        }
+        g.check(None).map_err(|source| PlanError::Graph {
+            path: path.to_path_buf(),
+            segment: si,
+            source: Box::new(source),
+        })?;
+        Ok(g)
     }
 }
 
@@ -300,6 +359,7 @@ fn foreign_op(
     own: &std::collections::HashMap<&str, Vec<&Op>>,
     path: &str,
     op: &Op,
+    cached: bool,
 ) -> Option<String> {
     let theirs = own.get(path).map(Vec::as_slice).unwrap_or(&[]);
     match op {
@@ -317,7 +377,9 @@ fn foreign_op(
         Op::Input { name, shape } => {
             let same = theirs.iter().any(|o| matches!(o, Op::Input { name: n, shape: s } if n == name && s == shape))
                 // A reference pass's recorded K/V input has no counterpart in the model.
-                || name.starts_with("ref.");
+                || name.starts_with("ref.")
+                // Nor do a Cache's features.
+                || (cached && name == super::cache::FEATURES);
             (!same).then(|| format!("input `{name}` {shape:?} is not one of the model's inputs"))
         }
         _ if !op.weights().is_empty() || matches!(op, Op::TimestepProj { .. }) => (!theirs

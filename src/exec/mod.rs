@@ -165,6 +165,9 @@ struct Step {
     last_use: Vec<bool>,
 }
 
+/// Named device tensors kept between plan runs (a Cache's features, for one).
+pub type State = HashMap<String, Value>;
+
 /// An executable plan: kernels with their weights on a device, in order.
 pub struct Plan {
     device: Device,
@@ -464,6 +467,44 @@ impl Plan {
             .iter()
             .map(|(name, s)| (name.clone(), slots[*s].take().expect("output computed")))
             .collect())
+    }
+
+    /// Runs the plan on host tensors plus tensors already on the device (state kept from an
+    /// earlier run, e.g. a Cache's features); the outputs named in `keep` stay on the device,
+    /// the others come back to the host.
+    pub fn run_with_state(
+        &self,
+        given: &HashMap<String, HostTensor>,
+        state: State,
+        keep: &[&str],
+    ) -> Result<(HashMap<String, HostTensor>, State), ExecError> {
+        let mut dev = state;
+        for (name, _, shape) in &self.inputs {
+            if dev.contains_key(name) {
+                continue;
+            }
+            if let Some(t) = given.get(name) {
+                if t.shape != *shape {
+                    return Err(ExecError::InputShape {
+                        name: name.clone(),
+                        expected: shape.clone(),
+                        found: t.shape.clone(),
+                    });
+                }
+                dev.insert(name.clone(), Value::from_host(t, &self.device));
+            }
+        }
+        dev.retain(|k, _| self.inputs.iter().any(|(n, _, _)| n == k));
+        let mut host = HashMap::new();
+        let mut kept = HashMap::new();
+        for (k, v) in self.run(dev)? {
+            if keep.contains(&k.as_str()) {
+                kept.insert(k, v);
+            } else {
+                host.insert(k, v.to_host());
+            }
+        }
+        Ok((host, kept))
     }
 
     /// Runs the plan on host tensors (by name) and returns host tensors.

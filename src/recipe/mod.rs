@@ -60,12 +60,53 @@ pub struct Rewrite {
     pub select: Select,
     #[serde(default)]
     pub steps: Option<Steps>,
-    #[serde(default)]
-    pub branch: Branch,
+    /// The CFG half, written `branch: Both`; unset means the op's default ([`Rewrite::branch`]).
+    #[serde(
+        default,
+        with = "written_branch",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub branch: Option<Branch>,
     pub op: RewriteOp,
     /// Explicit order among rewrites landing on one layer whose order matters (lower first).
     #[serde(default)]
     pub order: Option<i32>,
+}
+
+/// `branch: Both` in a recipe is a plain value (not `Some(Both)`); absent is `None`.
+mod written_branch {
+    use super::Branch;
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Branch>, D::Error> {
+        Branch::deserialize(d).map(Some)
+    }
+
+    pub fn serialize<S: Serializer>(b: &Option<Branch>, s: S) -> Result<S::Ok, S::Error> {
+        match b {
+            Some(b) => b.serialize(s),
+            None => s.serialize_none(),
+        }
+    }
+}
+
+impl Rewrite {
+    /// The CFG half the rewrite applies to: as written, else the op's default — the whole batch
+    /// for ops that change token counts or act on the whole batch (MergeTokens, MergeKv,
+    /// ReplaceKv from a reference pass, Cache: what a tomesd or DeepCache user means), the cond
+    /// half for the others.
+    pub fn branch(&self) -> Branch {
+        self.branch.unwrap_or(match &self.op {
+            RewriteOp::MergeKv { .. }
+            | RewriteOp::MergeTokens { .. }
+            | RewriteOp::Cache { .. }
+            | RewriteOp::ReplaceKv {
+                source: KvSource::Reference(_),
+                ..
+            } => Branch::Both,
+            _ => Branch::Cond,
+        })
+    }
 }
 
 /// Which attention layers a rewrite applies to. Every given criterion must hold; an empty
@@ -313,6 +354,17 @@ pub enum RewriteOp {
         #[serde(default)]
         mlp: bool,
     },
+    /// DeepCache: at every `interval`-th step (steps 0, interval, 2·interval, …) the whole UNet
+    /// runs and records the features entering shallow branch `branch`; the steps between run
+    /// only the shallow part (time embedding, conv_in, the shallow down layers whose skips the
+    /// shallow up layers read, those up layers, conv_out) on the recorded features. `branch` is
+    /// DeepCache's `cache_branch_id`: block `branch / 3` from the outside, layer `branch % 3`
+    /// counted from that up block's last layer. Acts on the whole UNet: no select or steps.
+    Cache {
+        interval: usize,
+        #[serde(default)]
+        branch: usize,
+    },
 }
 
 impl RewriteOp {
@@ -324,6 +376,7 @@ impl RewriteOp {
             RewriteOp::ReplaceKv { .. } => "ReplaceKv",
             RewriteOp::MergeKv { .. } => "MergeKv",
             RewriteOp::MergeTokens { .. } => "MergeTokens",
+            RewriteOp::Cache { .. } => "Cache",
         }
     }
 
@@ -383,7 +436,7 @@ impl Source {
                     "see docs/recipes.md for the fields of each part of a recipe".to_string()
                 }
                 ron::Error::NoSuchEnumVariant { .. } => {
-                    "ops are Reweight, Store, ReplaceMaps, ReplaceKv, MergeKv and MergeTokens; see docs/recipes.md".to_string()
+                    "ops are Reweight, Store, ReplaceMaps, ReplaceKv, MergeKv, MergeTokens and Cache; see docs/recipes.md".to_string()
                 }
                 _ => "see docs/recipes.md for the recipe grammar".to_string(),
             };

@@ -1,0 +1,124 @@
+//! The state a compiled recipe keeps across the steps and passes of a run: a Cache's features
+//! (on the device, from one full step to the next), each Store's maps (accumulated over the
+//! steps) and each reference pass's recorded K/V inputs (recorded once, read at every step).
+//! `rewire explain` prints these slots with their sizes and lifetimes.
+//!
+//! Try it: `rewire explain rewrites/deepcache.ron --model models/shapes-sd`.
+
+use super::Compiled;
+use serde::Serialize;
+
+/// What a state slot holds.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub enum SlotKind {
+    /// A Cache's features: written at full steps, read at the cached steps between.
+    CacheFeatures { interval: usize },
+    /// A Store's maps, combined over the steps it is active in.
+    Store { reduce: crate::recipe::Reduce },
+    /// A reference pass's K/V input of one layer: recorded before the first step.
+    Reference { pass: String },
+}
+
+/// One slot of run state.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Slot {
+    /// The graph output or input that carries it (`cache.features`, `probs.<layer>`,
+    /// `ref.<pass>.<layer>`).
+    pub name: String,
+    pub kind: SlotKind,
+    pub shape: Vec<usize>,
+    /// Bytes held (f32).
+    pub bytes: usize,
+    /// Bytes written per step that writes it.
+    pub bytes_per_step: usize,
+    /// Steps of the run that write it (`None`: the run's length is not known).
+    pub writes: Option<usize>,
+}
+
+impl Slot {
+    /// When the slot is freed, in words.
+    pub fn freed(&self) -> &'static str {
+        match self.kind {
+            SlotKind::CacheFeatures { .. } => {
+                "replaced at each full step, freed when the denoising loop ends"
+            }
+            SlotKind::Store { .. } => "written out with the results when the run ends",
+            SlotKind::Reference { .. } => "freed when the denoising loop ends",
+        }
+    }
+}
+
+/// Every state slot of a compiled recipe (shapes from its graphs).
+pub fn slots(c: &Compiled) -> Vec<Slot> {
+    let mut out = Vec::new();
+    let steps = c.steps;
+    if let Some(d) = &c.cache {
+        let bytes = d.bytes();
+        out.push(Slot {
+            name: super::cache::FEATURES.into(),
+            kind: SlotKind::CacheFeatures {
+                interval: d.interval,
+            },
+            shape: d.shape.clone(),
+            bytes,
+            bytes_per_step: bytes,
+            writes: steps.map(|n| n.div_ceil(d.interval)),
+        });
+    }
+    for (name, reduce) in &c.stores {
+        // The store's shape and the steps that write it, from the segments that output it.
+        let mut shape = None;
+        let mut writes = Some(0);
+        for s in &c.segments {
+            let found = s
+                .graph
+                .outputs()
+                .into_iter()
+                .find(|(n, _)| n == name)
+                .map(|(_, i)| s.graph.g[i].shape.clone());
+            if let Some(sh) = found {
+                shape = Some(sh);
+                writes = match (writes, s.steps, steps) {
+                    (Some(w), Some((a, b)), _) => Some(w + b - a),
+                    (Some(w), None, Some(n)) => Some(w + n),
+                    _ => None,
+                };
+            }
+        }
+        let shape = shape.unwrap_or_default();
+        let bytes = shape.iter().product::<usize>() * 4;
+        out.push(Slot {
+            name: name.clone(),
+            kind: SlotKind::Store { reduce: *reduce },
+            shape,
+            bytes,
+            bytes_per_step: bytes,
+            writes,
+        });
+    }
+    for r in &c.records {
+        let shape = c
+            .segments
+            .iter()
+            .find_map(|s| {
+                s.graph
+                    .inputs()
+                    .into_iter()
+                    .find(|(n, _)| *n == r.input)
+                    .map(|(_, i)| s.graph.g[i].shape.clone())
+            })
+            .unwrap_or_default();
+        let bytes = shape.iter().product::<usize>() * 4;
+        out.push(Slot {
+            name: r.input.clone(),
+            kind: SlotKind::Reference {
+                pass: r.name.clone(),
+            },
+            shape,
+            bytes,
+            bytes_per_step: 0,
+            writes: Some(0),
+        });
+    }
+    out
+}
