@@ -624,6 +624,10 @@ struct RunArgs {
     weights: rewire::exec::WeightDtype,
     #[arg(long)]
     no_fuse: bool,
+    /// Recompute the run constants (the text states' K/V projections) at every step instead
+    /// of once per job (hoisting is lossless; this is for checking that).
+    #[arg(long)]
+    no_hoist: bool,
     /// The image (several prompts: NAME_0.png, NAME_1.png, ...).
     #[arg(short, long)]
     output: PathBuf,
@@ -732,6 +736,7 @@ fn run_job(a: RunArgs) -> Result<()> {
         },
         steps: a.steps,
         guidance: a.guidance,
+        no_hoist: a.no_hoist,
         scheduler: a.scheduler.clone(),
         seed: a.seed,
         latents: a.latents.as_deref().map(read_latents).transpose()?,
@@ -1066,6 +1071,41 @@ fn explain(c: &compile::Compiled) {
                     100.0 * cflops as f64 / fflops.max(1) as f64
                 );
             }
+        }
+    }
+    // Hoisting: what each graph of the run computes once per job instead of at every step.
+    let mut graphs: Vec<(String, &Graph)> = Vec::new();
+    for seg in &c.segments {
+        let when = match seg.steps {
+            None => "all steps".to_string(),
+            Some((a, b)) => format!("steps {a}..{b}"),
+        };
+        match &seg.cached {
+            None => graphs.push((when, &seg.graph)),
+            Some(g) => {
+                graphs.push((format!("{when}, full steps"), &seg.graph));
+                graphs.push((format!("{when}, cached steps"), g));
+            }
+        }
+    }
+    for (when, g) in graphs {
+        match compile::hoist::split(g) {
+            Ok(Some(h)) => {
+                println!(
+                    "\nhoisted ({when}): {} nodes computed once per job instead of at every step ({:.1} MFLOP per step), {} values held ({}):",
+                    h.nodes,
+                    h.flops as f64 / 1e6,
+                    h.values.len(),
+                    bytes(h.bytes())
+                );
+                for v in &h.values {
+                    println!("  {} [{}] {:?}", v.path, v.op, v.shape);
+                }
+            }
+            Ok(None) => println!(
+                "\nhoisted ({when}): nothing (no value depends only on the run's constants)"
+            ),
+            Err(e) => println!("\nhoisted ({when}): not computed ({e})"),
         }
     }
     let slots = compile::state::slots(c);

@@ -14,7 +14,7 @@ use crate::clip::text_encoder::{TextEncoder, TextOutput};
 use crate::clip::tokenizer::Tokenizer;
 use crate::compile::store::StoreAccumulator;
 use crate::compile::{CompileOptions, Compiled};
-use crate::exec::{HostTensor, KernelCache, LowerOptions, Plan, Value};
+use crate::exec::{HostTensor, KernelCache, LowerOptions, Plan, State, Value};
 use crate::graph::{AttnKind, InputSpec};
 use crate::recipe::Source;
 use crate::scheduler::{Scheduler, SchedulerConfig};
@@ -211,6 +211,9 @@ pub struct RunOptions {
     pub init_image: Option<HostTensor>,
     /// How much of the schedule an init image goes through, in (0, 1] (diffusers' `strength`).
     pub strength: f32,
+    /// Compute every value at every step instead of hoisting the run constants (the text
+    /// states' K/V projections) out of the loop: for checking that hoisting changes nothing.
+    pub no_hoist: bool,
 }
 
 impl Default for RunOptions {
@@ -231,6 +234,7 @@ impl Default for RunOptions {
             weights: crate::exec::WeightDtype::F32,
             init_image: None,
             strength: 0.8,
+            no_hoist: false,
         }
     }
 }
@@ -692,20 +696,54 @@ impl Pipeline {
             }
         }
         let mut cache = KernelCache::default();
-        let lower = |g: &crate::graph::Graph, cache: &mut KernelCache| {
-            Plan::lower_shared(
-                g,
-                &self.unet.weights,
-                &self.device,
-                LowerOptions {
-                    weights: opts.weights,
-                    ..Default::default()
-                },
-                cache,
-            )
+        // The run's constants (the text states) for the hoisting prologues.
+        let mut constants = HashMap::new();
+        constants.insert(
+            "encoder_hidden_states".to_string(),
+            cond.encoder_hidden_states.clone(),
+        );
+        if let Some((text_embeds, time_ids)) = &cond.text_time {
+            constants.insert("text_embeds".to_string(), text_embeds.clone());
+            constants.insert("time_ids".to_string(), time_ids.clone());
+        }
+        // A graph's step plan and the values its prologue hoisted (computed here, once).
+        let lower = |g: &crate::graph::Graph,
+                     cache: &mut KernelCache|
+         -> Result<(Plan, State), PipelineError> {
+            let lo = LowerOptions {
+                weights: opts.weights,
+                ..Default::default()
+            };
+            let split = if opts.no_hoist {
+                None
+            } else {
+                crate::compile::hoist::split(g).map_err(crate::exec::ExecError::from)?
+            };
+            match split {
+                None => Ok((
+                    Plan::lower_shared(g, &self.unet.weights, &self.device, lo, cache)?,
+                    State::new(),
+                )),
+                Some(s) => {
+                    let prologue = Plan::lower_shared(
+                        &s.prologue,
+                        &self.unet.weights,
+                        &self.device,
+                        lo,
+                        cache,
+                    )?;
+                    let names: Vec<&str> = s.values.iter().map(|v| v.name.as_str()).collect();
+                    let (_, hoisted) = prologue.run_with_state(&constants, State::new(), &names)?;
+                    let step =
+                        Plan::lower_shared(&s.step, &self.unet.weights, &self.device, lo, cache)?;
+                    Ok((step, hoisted))
+                }
+            }
         };
-        // Per step segment: the plan of its (full) steps and, with a Cache, of its cached steps.
-        type SegmentPlans = (Option<(usize, usize)>, Plan, Option<Plan>);
+        // Per step segment: the plan of its (full) steps and, with a Cache, of its cached
+        // steps, each with its hoisted constants.
+        type Lowered = (Plan, State);
+        type SegmentPlans = (Option<(usize, usize)>, Lowered, Option<Lowered>);
         let plans: Vec<SegmentPlans> = match compiled {
             None => vec![(None, lower(&self.unet.graph(spec)?, &mut cache)?, None)],
             Some(c) => c
@@ -801,12 +839,11 @@ impl Pipeline {
             // A Cache's features stay on the device from a full step to the next.
             // (Device tensors are reference-counted: the clone copies no data.)
             let have = features.contains_key(crate::compile::cache::FEATURES);
-            let plan = plan_for(i, have);
-            let (out, kept) = plan.run_with_state(
-                &inputs,
-                features.clone(),
-                &[crate::compile::cache::FEATURES],
-            )?;
+            let (plan, hoisted) = plan_for(i, have);
+            let mut state = hoisted.clone();
+            state.extend(features.clone());
+            let (out, kept) =
+                plan.run_with_state(&inputs, state, &[crate::compile::cache::FEATURES])?;
             if !kept.is_empty() {
                 features = kept;
             }

@@ -211,3 +211,68 @@ fn bad_runs_are_clear_errors() {
     assert!(!ok && err.contains("cannot write"), "{err}");
     assert!(!out.exists());
 }
+
+/// Hoisting is lossless: the run constants' values (every cross-attention K/V) computed once per
+/// job give the latents and stores of computing them at every step, within 1e-6.
+#[test]
+fn hoisting_changes_nothing() {
+    let pipe = Pipeline::open(&root().join("models/shapes-sd"), &device()).unwrap();
+    let src = rewire::recipe::Source::load(&root().join("rewrites/p2p_word_swap.ron")).unwrap();
+    let o = RunOptions {
+        prompts: vec![
+            "a red circle on the left".into(),
+            "a blue circle on the left".into(),
+        ],
+        steps: 10,
+        seed: 3,
+        ..Default::default()
+    };
+    let hoisted = pipe.run(&o, Some(&src), |_, _| {}).unwrap();
+    let plain = pipe
+        .run(
+            &RunOptions {
+                no_hoist: true,
+                ..o.clone()
+            },
+            Some(&src),
+            |_, _| {},
+        )
+        .unwrap();
+    for (i, (a, b)) in hoisted
+        .latents_per_step
+        .iter()
+        .zip(&plain.latents_per_step)
+        .enumerate()
+    {
+        let e = a.max_abs_diff(b);
+        assert!(e <= 1e-6, "step {i}: hoisting moved the latents by {e}");
+    }
+    assert!(!hoisted.stores.is_empty());
+    for (k, v) in &hoisted.stores {
+        let e = v.max_abs_diff(&plain.stores[k]);
+        assert!(e <= 1e-6, "{k}: hoisting moved the store by {e}");
+    }
+    // What was hoisted: every cross-attention's to_k and to_v, nothing that reads the sample.
+    let unet = rewire::unet::UNet::open(&root().join("models/shapes-sd")).unwrap();
+    let g = unet
+        .graph(rewire::graph::InputSpec::new(2, 16, 16))
+        .unwrap();
+    let h = rewire::compile::hoist::split(&g).unwrap().unwrap();
+    let cross = g
+        .attention_layers()
+        .iter()
+        .filter(|(_, _, a)| a.kind == rewire::graph::AttnKind::Cross)
+        .count();
+    assert_eq!(h.values.len(), 2 * cross);
+    assert!(
+        h.values
+            .iter()
+            .all(|v| v.path.ends_with(".attn2.to_k") || v.path.ends_with(".attn2.to_v"))
+    );
+    assert!(
+        h.step
+            .inputs()
+            .iter()
+            .all(|(n, _)| n != "encoder_hidden_states")
+    );
+}

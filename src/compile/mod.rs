@@ -14,6 +14,7 @@
 
 pub mod cache;
 pub mod diff;
+pub mod hoist;
 pub mod plan_file;
 pub mod state;
 pub mod store;
