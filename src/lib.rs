@@ -12,6 +12,7 @@ pub mod compile;
 pub mod config;
 pub mod exec;
 pub mod graph;
+pub mod invert;
 pub mod io;
 pub mod limits;
 pub mod picture;

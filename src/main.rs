@@ -67,6 +67,9 @@ enum Cmd {
     /// Text to image: prompts → text encoder → denoising loop with CFG (and a recipe's
     /// rewrites) → VAE → PNG; Store rewrites also write their maps and heat-map PNGs.
     Run(RunArgs),
+    /// DDIM inversion: a picture (or a folder of PNGs, one batch) → latents that DDIM with the
+    /// same prompt turns back into it; writes `latents`, `latents_per_step`, `latents_0`.
+    Invert(InvertArgs),
     /// Time each node of one UNet forward on random inputs: per op kind (seconds, share of
     /// the forward, GFLOP/s) and the slowest nodes.
     Profile(ProfileArgs),
@@ -112,6 +115,113 @@ enum Cmd {
         #[arg(long)]
         no_fuse: bool,
     },
+}
+
+#[derive(clap::Args)]
+struct InvertArgs {
+    /// A diffusers pipeline folder.
+    model: PathBuf,
+    /// A PNG (or any picture the `image` crate reads), or a folder of PNGs inverted together
+    /// (sorted by name).
+    picture: PathBuf,
+    /// The prompt the picture is inverted under (the source prompt of an edit).
+    #[arg(long)]
+    prompt: String,
+    #[arg(long, default_value_t = 20)]
+    steps: usize,
+    #[arg(long, default_value = "flex")]
+    device: String,
+    /// Hold linear and conv weights as f32 (default), f16 or bf16.
+    #[arg(long, default_value = "f32")]
+    weights: rewire::exec::WeightDtype,
+    /// The latents file (safetensors).
+    #[arg(short, long)]
+    output: PathBuf,
+}
+
+/// The pictures of `path`: one picture, or every PNG of a folder sorted by name.
+fn read_pictures(path: &Path) -> Result<Vec<HostTensor>> {
+    if !path.is_dir() {
+        return Ok(vec![read_image(path)?]);
+    }
+    let mut files: Vec<PathBuf> = std::fs::read_dir(path)
+        .with_context(|| format!("{}: cannot list the folder", path.display()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            p.extension()
+                .is_some_and(|e| e.to_string_lossy().eq_ignore_ascii_case("png"))
+        })
+        .collect();
+    files.sort();
+    if files.is_empty() {
+        bail!(
+            "{}: the folder holds no PNG\n  hint: give a picture, or a folder of frames named so that they sort in order (frame_000.png, ...)",
+            path.display()
+        );
+    }
+    rewire::limits::at_most(files.len(), rewire::limits::MAX_BATCH, "MAX_BATCH")
+        .map_err(|e| anyhow::anyhow!("{}: {} pictures: {e}", path.display(), files.len()))?;
+    files.iter().map(|f| read_image(f)).collect()
+}
+
+fn invert(a: InvertArgs) -> Result<()> {
+    let ext = a
+        .output
+        .extension()
+        .map(|e| e.to_string_lossy().to_ascii_lowercase());
+    if ext.as_deref() != Some("safetensors") {
+        bail!(
+            "-o {}: rewire invert writes a safetensors file\n  hint: name the output *.safetensors",
+            a.output.display()
+        );
+    }
+    rewire::weights::check_output(&a.output)
+        .map_err(|e| rewire::weights::write_error(&a.output, e))?;
+    let pictures = read_pictures(&a.picture)?;
+    let device = rewire::backend::device(&a.device)?;
+    let pipe = rewire::pipeline::Pipeline::open(&a.model, &device)?;
+    let t0 = std::time::Instant::now();
+    let bar = indicatif::ProgressBar::new(a.steps as u64);
+    let opts = rewire::invert::InvertOptions {
+        prompt: a.prompt.clone(),
+        steps: a.steps,
+        weights: a.weights,
+    };
+    let inv = rewire::invert::invert(&pipe, &opts, &pictures, |i, n| {
+        bar.set_length(n as u64);
+        bar.set_position(i as u64);
+    })?;
+    bar.finish_and_clear();
+    let last = inv.latents();
+    let mut per_step_shape = vec![inv.latents_per_step.len()];
+    per_step_shape.extend(&last.shape);
+    let tensors = vec![
+        ("latents".to_string(), last.shape.clone(), last.data.clone()),
+        (
+            "latents_per_step".to_string(),
+            per_step_shape,
+            inv.latents_per_step
+                .iter()
+                .flat_map(|t| t.data.iter().copied())
+                .collect(),
+        ),
+        (
+            "latents_0".to_string(),
+            inv.latents_0.shape.clone(),
+            inv.latents_0.data.clone(),
+        ),
+    ];
+    let bytes = rewire::weights::encode_f32(&a.output, &tensors)?;
+    rewire::weights::write_atomic(&a.output, &bytes)
+        .map_err(|e| rewire::weights::write_error(&a.output, e))?;
+    eprintln!(
+        "wrote {} (latents {:?}, {} steps) in {:.1}s",
+        a.output.display(),
+        last.shape,
+        inv.latents_per_step.len(),
+        t0.elapsed().as_secs_f64()
+    );
+    Ok(())
 }
 
 #[derive(clap::Args)]
@@ -1164,6 +1274,7 @@ fn run(cli: Cli) -> Result<()> {
             json,
         } => inspect(&model, &size, batch, json),
         Cmd::Profile(a) => profile(a),
+        Cmd::Invert(a) => invert(a),
         Cmd::Graph {
             model,
             format,

@@ -34,6 +34,18 @@ pub enum PipelineError {
         path: PathBuf,
         component: &'static str,
     },
+    #[error("no picture to invert\n  hint: give a PNG (or a folder of PNGs)")]
+    NoPicture,
+    #[error(
+        "picture {index} is {found:?} (H, W, channels), expected {expected:?}\n  hint: pictures inverted together must share one size, a multiple of the VAE factor"
+    )]
+    PictureSizes {
+        index: usize,
+        found: Vec<usize>,
+        expected: Vec<usize>,
+    },
+    #[error("{count} pictures: {reason}\n  hint: invert fewer pictures at once")]
+    PictureCount { count: usize, reason: String },
     #[error("{component}: {message}")]
     Component {
         component: &'static str,

@@ -116,3 +116,115 @@ impl Ddim {
             .collect()
     }
 }
+
+/// diffusers' `DDIMInverseScheduler` (eta 0): DDIM run backwards, from an image's latents
+/// toward noise, for inversion. Timesteps rise (`[1, 51, …, 951]` for 20 leading steps); a
+/// step from `t − Δ` to `t` (`Δ = num_train_timesteps // steps`) is
+/// `x = sqrt(ᾱ_t)·x̂₀ + sqrt(1 − ᾱ_t)·ε̂` with `x̂₀ = (x − sqrt(1 − ᾱ_{t−Δ})·ε̂) / sqrt(ᾱ_{t−Δ})`,
+/// and `ᾱ` before the first training step as for DDIM (`set_alpha_to_one`). Built from the
+/// pipeline's scheduler config, as `DDIMInverseScheduler.from_config(pipe.scheduler.config)`.
+#[derive(Debug, Clone)]
+pub struct DdimInverse {
+    common: Common,
+    initial_alpha_cumprod: f32,
+    num_inference_steps: usize,
+    timesteps: Vec<f64>,
+}
+
+impl DdimInverse {
+    pub const CLASS: &'static str = "DDIMInverseScheduler";
+
+    pub fn from_config(config: &SchedulerConfig) -> Result<Self, SchedulerError> {
+        let r = ConfigReader {
+            config,
+            class: Self::CLASS,
+        };
+        let common = r.common(Spacing::Leading)?;
+        r.require_bool("clip_sample", true, false)?;
+        r.require_bool("thresholding", false, false)?;
+        if common.spacing == Spacing::Linspace {
+            return Err(SchedulerError::Unsupported {
+                path: common.path.clone(),
+                class: Self::CLASS,
+                field: "timestep_spacing",
+                value: "\"linspace\"".into(),
+                hint: "DDIMInverseScheduler takes \"leading\" or \"trailing\" spacing, as in diffusers"
+                    .into(),
+            });
+        }
+        let initial_alpha_cumprod = if r.bool("set_alpha_to_one", true)? {
+            1.0
+        } else {
+            common.alphas_cumprod[0]
+        };
+        Ok(Self {
+            common,
+            initial_alpha_cumprod,
+            num_inference_steps: 0,
+            timesteps: Vec::new(),
+        })
+    }
+
+    pub fn set_timesteps(&mut self, n: usize) -> Result<(), SchedulerError> {
+        self.common.check_steps(n)?;
+        let t_train = self.common.num_train_timesteps;
+        let ts: Vec<f64> = match self.common.spacing {
+            Spacing::Trailing => {
+                let ratio = t_train as f64 / n as f64;
+                let mut v: Vec<f64> = np_arange(t_train as f64, 0.0, -ratio)
+                    .into_iter()
+                    .map(|v| v.round_ties_even() - 1.0)
+                    .collect();
+                v.reverse();
+                v
+            }
+            _ => {
+                let ratio = (t_train / n) as f64;
+                (0..n)
+                    .map(|i| (i as f64 * ratio).round_ties_even() + self.common.steps_offset as f64)
+                    .collect()
+            }
+        };
+        self.common.check_timesteps(&ts)?;
+        self.num_inference_steps = n;
+        self.timesteps = ts;
+        Ok(())
+    }
+
+    /// The timesteps of the inversion, rising.
+    pub fn timesteps(&self) -> &[f64] {
+        &self.timesteps
+    }
+
+    /// `DDIMInverseScheduler.step`: the latents one step noisier, in float32 as torch computes.
+    pub fn step(&self, model_output: &[f32], t: f64, sample: &[f32]) -> Vec<f32> {
+        assert!(
+            self.num_inference_steps > 0,
+            "{}: call set_timesteps before step",
+            Self::CLASS
+        );
+        check_len(Self::CLASS, model_output, sample);
+        let to = integral(Self::CLASS, t);
+        let t_train = self.common.num_train_timesteps as i64;
+        let from = (to - t_train / self.num_inference_steps as i64).min(t_train - 1);
+        let alpha_from = if from >= 0 {
+            self.common.alpha_prod(from)
+        } else {
+            self.initial_alpha_cumprod
+        };
+        let alpha_to = self.common.alpha_prod(to);
+        let (sqrt_a, sqrt_b) = (alpha_from.sqrt(), (1.0 - alpha_from).sqrt());
+        let (sqrt_a_to, dir_coeff) = (alpha_to.sqrt(), (1.0 - alpha_to).sqrt());
+        model_output
+            .iter()
+            .zip(sample)
+            .map(|(&m, &x)| {
+                let (x0, eps) = match self.common.prediction {
+                    Prediction::Epsilon => ((x - sqrt_b * m) / sqrt_a, m),
+                    Prediction::V => (sqrt_a * x - sqrt_b * m, sqrt_a * m + sqrt_b * x),
+                };
+                sqrt_a_to * x0 + dir_coeff * eps
+            })
+            .collect()
+    }
+}

@@ -29,7 +29,7 @@ mod dpmpp2m;
 mod euler;
 mod pndm;
 
-pub use ddim::Ddim;
+pub use ddim::{Ddim, DdimInverse};
 pub use dpmpp2m::DpmSolverMultistep;
 pub use euler::EulerDiscrete;
 pub use pndm::Pndm;
