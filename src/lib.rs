@@ -22,4 +22,5 @@ pub mod recipe;
 pub mod scheduler;
 pub mod unet;
 pub mod vae;
+pub mod video;
 pub mod weights;

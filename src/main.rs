@@ -70,6 +70,11 @@ enum Cmd {
     /// DDIM inversion: a picture (or a folder of PNGs, one batch) → latents that DDIM with the
     /// same prompt turns back into it; writes `latents`, `latents_per_step`, `latents_0`.
     Invert(InvertArgs),
+    /// Video jobs: clips in and out.
+    Video {
+        #[command(subcommand)]
+        cmd: VideoCmd,
+    },
     /// Time each node of one UNet forward on random inputs: per op kind (seconds, share of
     /// the forward, GFLOP/s) and the slowest nodes.
     Profile(ProfileArgs),
@@ -115,6 +120,143 @@ enum Cmd {
         #[arg(long)]
         no_fuse: bool,
     },
+}
+
+#[derive(Subcommand)]
+enum VideoCmd {
+    /// Text2Video-Zero without its re-noising: one initial latent warped per frame
+    /// (`--motion X,Y`, diffusers' motion_field_strength), cross-frame attention to the first
+    /// frame (rewrites/t2v_zero.ron, built in), classifier-free guidance; writes OUT.gif,
+    /// OUT_000.png, … and OUT_strip.png.
+    Generate(VideoGenerateArgs),
+}
+
+#[derive(clap::Args)]
+struct VideoGenerateArgs {
+    /// A diffusers pipeline folder.
+    model: PathBuf,
+    #[arg(long)]
+    prompt: String,
+    /// The negative prompt (default "").
+    #[arg(long)]
+    negative: Option<String>,
+    #[arg(long, default_value_t = 8)]
+    frames: usize,
+    /// Motion per frame, X,Y, in diffusers' units (pixels of a 512×512 grid: 64 on a 16×16
+    /// latent is 2 latent pixels).
+    #[arg(long, default_value = "12,12")]
+    motion: String,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// The initial latent `[1, C, h, w]`: the tensor `latents`, else `x_T` (instead of --seed).
+    #[arg(long, conflicts_with = "seed")]
+    latents: Option<PathBuf>,
+    #[arg(long, default_value_t = 20)]
+    steps: usize,
+    #[arg(long, default_value_t = 7.5)]
+    guidance: f32,
+    /// A recipe instead of the built-in cross-frame attention.
+    #[arg(long, conflicts_with = "no_recipe")]
+    recipe: Option<PathBuf>,
+    /// Plain per-frame attention (no recipe): the baseline.
+    #[arg(long)]
+    no_recipe: bool,
+    /// Milliseconds per frame in the GIF.
+    #[arg(long, default_value_t = 125)]
+    delay: u32,
+    #[arg(long, default_value = "flex")]
+    device: String,
+    /// The clip: OUT.gif (with OUT_000.png, … and OUT_strip.png beside it).
+    #[arg(short, long)]
+    output: PathBuf,
+}
+
+/// The built-in Text2Video-Zero recipe.
+const T2V_ZERO: &str = include_str!("../rewrites/t2v_zero.ron");
+
+fn video_generate(a: VideoGenerateArgs) -> Result<()> {
+    use rewire::pipeline::{Pipeline, RunOptions};
+    let ext = a
+        .output
+        .extension()
+        .map(|e| e.to_string_lossy().to_ascii_lowercase());
+    if ext.as_deref() != Some("gif") {
+        bail!(
+            "-o {}: a clip is written as an animated GIF\n  hint: name the output *.gif (the frames go beside it as NAME_000.png, …)",
+            a.output.display()
+        );
+    }
+    if a.frames == 0 {
+        bail!("--frames 0: a clip needs at least one frame");
+    }
+    rewire::limits::at_most(2 * a.frames, rewire::limits::MAX_BATCH, "MAX_BATCH")
+        .map_err(|e| anyhow::anyhow!("--frames {}: the batch of 2 × frames: {e}", a.frames))?;
+    let motion = a
+        .motion
+        .split_once(',')
+        .and_then(|(x, y)| Some((x.trim().parse::<f64>().ok()?, y.trim().parse::<f64>().ok()?)))
+        .filter(|(x, y)| x.is_finite() && y.is_finite() && x.abs() <= 1e6 && y.abs() <= 1e6)
+        .with_context(|| format!("--motion {}: expected X,Y (numbers, e.g. 64,0)", a.motion))?;
+    check_run_numbers(a.guidance, 0.8, &None, a.frames)?;
+    for p in rewire::video::clip_paths(&a.output, a.frames) {
+        rewire::weights::check_output(&p).map_err(|e| rewire::weights::write_error(&p, e))?;
+    }
+    let device = rewire::backend::device(&a.device)?;
+    let pipe = Pipeline::open(&a.model, &device)?;
+    let src = match (&a.recipe, a.no_recipe) {
+        (_, true) => None,
+        (Some(r), false) => Some(Source::load(r)?),
+        (None, false) => Some(Source::parse(T2V_ZERO, Path::new("rewrites/t2v_zero.ron"))?),
+    };
+    let mut opts = RunOptions {
+        prompts: vec![a.prompt.clone(); a.frames],
+        negative: a.negative.clone(),
+        steps: a.steps,
+        guidance: a.guidance,
+        seed: a.seed,
+        frames: Some(a.frames),
+        ..Default::default()
+    };
+    let (lh, lw) = pipe.latent_size(&opts)?;
+    let c = pipe.unet.resolved.in_channels;
+    let x_t = match &a.latents {
+        Some(p) => {
+            let f = rewire::weights::TensorFiles::open(p)?;
+            let name = ["latents", "x_T"]
+                .into_iter()
+                .find(|n| f.contains(n))
+                .with_context(|| format!("{}: no `latents` or `x_T` tensor", p.display()))?;
+            let (shape, data) = f.read_f32(name)?;
+            if shape != [1, c, lh, lw] {
+                bail!(
+                    "{}: `{name}` is {shape:?}, the clip starts from one latent [1, {c}, {lh}, {lw}]",
+                    p.display()
+                );
+            }
+            HostTensor::new(shape, data)
+        }
+        None => HostTensor::new(
+            vec![1, c, lh, lw],
+            rewire::pipeline::gaussian(a.seed, c * lh * lw),
+        ),
+    };
+    opts.latents = Some(rewire::video::warp_latents(&x_t, a.frames, motion));
+    let bar = indicatif::ProgressBar::new(a.steps as u64);
+    let t0 = std::time::Instant::now();
+    let out = pipe.run(&opts, src.as_ref(), |i, n| {
+        bar.set_length(n as u64);
+        bar.set_position(i as u64);
+    })?;
+    bar.finish_and_clear();
+    let paths = rewire::video::write_clip(&a.output, &out.images, None, a.delay)?;
+    eprintln!(
+        "wrote {} and {} more files ({} frames) in {:.1}s",
+        a.output.display(),
+        paths.len() - 1,
+        a.frames,
+        t0.elapsed().as_secs_f64()
+    );
+    Ok(())
 }
 
 #[derive(clap::Args)]
@@ -847,6 +989,7 @@ fn run_job(a: RunArgs) -> Result<()> {
         steps: a.steps,
         guidance: a.guidance,
         no_hoist: a.no_hoist,
+        frames: None,
         scheduler: a.scheduler.clone(),
         seed: a.seed,
         latents: a.latents.as_deref().map(read_latents).transpose()?,
@@ -1275,6 +1418,9 @@ fn run(cli: Cli) -> Result<()> {
         } => inspect(&model, &size, batch, json),
         Cmd::Profile(a) => profile(a),
         Cmd::Invert(a) => invert(a),
+        Cmd::Video { cmd } => match cmd {
+            VideoCmd::Generate(a) => video_generate(a),
+        },
         Cmd::Graph {
             model,
             format,

@@ -226,6 +226,9 @@ pub struct RunOptions {
     /// Compute every value at every step instead of hoisting the run constants (the text
     /// states' K/V projections) out of the loop: for checking that hoisting changes nothing.
     pub no_hoist: bool,
+    /// Frames per group for a recipe's `ReplaceKv(source: Frames(...))`: a video job's prompts
+    /// are its frames (the batch is `[uncond f0..fN-1, cond f0..fN-1]`).
+    pub frames: Option<usize>,
 }
 
 impl Default for RunOptions {
@@ -247,6 +250,7 @@ impl Default for RunOptions {
             init_image: None,
             strength: 0.8,
             no_hoist: false,
+            frames: None,
         }
     }
 }
@@ -653,7 +657,7 @@ impl Pipeline {
             steps: Some(self.schedule(opts)?.1.len()),
             words: Some(words),
             require_bound_words: true,
-            frames: None,
+            frames: opts.frames,
             references: Some(vec![]),
         };
         Ok(crate::compile::compile_graph(src, &base, &copts)?)

@@ -93,17 +93,14 @@ mod written_branch {
 impl Rewrite {
     /// The CFG half the rewrite applies to: as written, else the op's default — the whole batch
     /// for ops that change token counts or act on the whole batch (MergeTokens, MergeKv,
-    /// ReplaceKv from a reference pass, Cache: what a tomesd or DeepCache user means), the cond
-    /// half for the others.
+    /// ReplaceKv — frame groups and reference passes span both CFG halves —, Cache: what a
+    /// tomesd, Text2Video-Zero or DeepCache user means), the cond half for the others.
     pub fn branch(&self) -> Branch {
         self.branch.unwrap_or(match &self.op {
             RewriteOp::MergeKv { .. }
             | RewriteOp::MergeTokens { .. }
             | RewriteOp::Cache { .. }
-            | RewriteOp::ReplaceKv {
-                source: KvSource::Reference(_),
-                ..
-            } => Branch::Both,
+            | RewriteOp::ReplaceKv { .. } => Branch::Both,
             _ => Branch::Cond,
         })
     }
