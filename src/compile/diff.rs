@@ -16,7 +16,7 @@ pub struct LayerDiff {
     pub rewrites: Vec<usize>,
     pub added: Vec<String>,
     pub removed: Vec<String>,
-    pub fusion: String,
+    pub fusion: super::fuse::Fusion,
     /// Where each added node feeds (`tome_merge → to_k, to_v`).
     pub placed: Vec<String>,
     /// What the K/V rewrites did.
@@ -233,7 +233,7 @@ pub fn dot(c: &Compiled) -> String {
             let _ = writeln!(
                 s,
                 "    s{si}f{li} [shape=note, label=\"{}\"];",
-                l.fusion.replace('"', "'")
+                l.fusion.to_string().replace('"', "'")
             );
             s.push_str("  }\n");
         }

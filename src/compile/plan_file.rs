@@ -73,7 +73,7 @@ struct SegmentFile {
 }
 
 /// The plan format this build writes and reads.
-pub const PLAN_FORMAT: u32 = 1;
+pub const PLAN_FORMAT: u32 = 2;
 
 /// The saved form of a compiled recipe.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -187,7 +187,7 @@ impl PlanFile {
             return Err(PlanError::Format {
                 path: path.to_path_buf(),
                 reason: format!(
-                    "`format` is {}, this rewire reads format {PLAN_FORMAT}",
+                    "`format` is {}, this rewire reads format {PLAN_FORMAT} (compile the plan again with this rewire)",
                     p.format
                 ),
             });
