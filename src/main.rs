@@ -685,23 +685,7 @@ fn forward(a: ForwardArgs) -> Result<()> {
         };
         Some(compile::compile_graph(&src, &base, &opts)?)
     } else if let (Some(p), Some(plan)) = (&a.plan, &plan_file) {
-        if plan.spec != given.spec {
-            bail!(
-                "{}: the plan was compiled for {:?}, the inputs in {} are {:?}\n  hint: compile it again with --size/--batch matching the inputs",
-                p.display(),
-                plan.spec,
-                a.inputs.display(),
-                given.spec
-            );
-        }
-        if let (Some(n), Some(m)) = (plan.steps, a.steps)
-            && n != m
-        {
-            bail!(
-                "{}: the plan was compiled for a {n}-step run, not {m}",
-                p.display()
-            );
-        }
+        plan.check_run(p, given.spec, a.steps, None)?;
         Some(plan.compiled(p, &base)?)
     } else {
         None
@@ -1014,38 +998,15 @@ fn run_job(a: RunArgs) -> Result<()> {
         (Some(r), _) => Some(pipe.compile(&opts, &Source::load(r)?)?),
         (None, Some(p)) => {
             let plan = PlanFile::load(p, &pipe.unet.fingerprint())?;
-            let last = opts.prompts.last().expect("clap requires a prompt");
-            if let Some(bound) = &plan.prompt
-                && bound != last
-            {
-                bail!(
-                    "{}: the plan's words were bound to the prompt {bound:?}, this run's last prompt is {last:?}\n  hint: compile it again with --prompt {last:?}",
-                    p.display()
-                );
-            }
             let spec = pipe.unet_spec(&opts)?;
             // Steps here are UNet calls: PNDM makes one more, image to image fewer.
             let calls = pipe.schedule(&opts)?.1.len();
-            if plan.spec != spec || plan.steps.is_some_and(|n| n != calls) {
-                bail!(
-                    "{}: the plan was compiled for UNet inputs {:?}{}, this run needs {spec:?} and {} steps\n  hint: rewire compile RECIPE --model {} --batch {} --size {}x{} --steps {}{}",
-                    p.display(),
-                    plan.spec,
-                    plan.steps
-                        .map(|n| format!(" and {n} steps"))
-                        .unwrap_or_default(),
-                    calls,
-                    a.model.display(),
-                    spec.batch,
-                    spec.height,
-                    spec.width,
-                    calls,
-                    plan.prompt
-                        .as_ref()
-                        .map(|_| format!(" --prompt {last:?}"))
-                        .unwrap_or_default(),
-                );
-            }
+            plan.check_run(
+                p,
+                spec,
+                Some(calls),
+                opts.prompts.last().map(|s| s.as_str()),
+            )?;
             Some(plan.compiled(p, &pipe.unet.graph(spec)?)?)
         }
         (None, None) => None,

@@ -46,6 +46,12 @@ pub enum PlanError {
         expected: String,
         found: String,
     },
+    #[error("{path}: {mismatch}\n  hint: {hint}")]
+    Mismatch {
+        path: PathBuf,
+        mismatch: Mismatch,
+        hint: String,
+    },
     #[error("{path}: segment {segment}: {source}")]
     Graph {
         path: PathBuf,
@@ -53,6 +59,19 @@ pub enum PlanError {
         #[source]
         source: Box<GraphError>,
     },
+}
+
+/// How a plan does not fit a run.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum Mismatch {
+    #[error(
+        "the plan's words were bound to the prompt {bound:?}, this run's last prompt is {last:?}"
+    )]
+    Prompt { bound: String, last: String },
+    #[error("the plan was compiled for UNet inputs {plan:?}, this run needs {run:?}")]
+    Spec { plan: InputSpec, run: InputSpec },
+    #[error("the plan was compiled for {plan} steps (UNet calls), this run makes {run}")]
+    Steps { plan: usize, run: usize },
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -205,6 +224,55 @@ impl PlanFile {
             });
         }
         Ok(p)
+    }
+
+    /// Checks that the plan fits a run: its UNet inputs, its number of UNet calls (when the
+    /// run knows it) and the prompt the plan's words were bound to (the run's last prompt).
+    pub fn check_run(
+        &self,
+        path: &Path,
+        spec: InputSpec,
+        calls: Option<usize>,
+        last_prompt: Option<&str>,
+    ) -> Result<(), PlanError> {
+        let mismatch = if let (Some(bound), Some(last)) = (&self.prompt, last_prompt)
+            && bound != last
+        {
+            Some(Mismatch::Prompt {
+                bound: bound.clone(),
+                last: last.to_string(),
+            })
+        } else if self.spec != spec {
+            Some(Mismatch::Spec {
+                plan: self.spec,
+                run: spec,
+            })
+        } else if let (Some(plan), Some(run)) = (self.steps, calls)
+            && plan != run
+        {
+            Some(Mismatch::Steps { plan, run })
+        } else {
+            None
+        };
+        let Some(mismatch) = mismatch else {
+            return Ok(());
+        };
+        let prompt = match (&self.prompt, last_prompt) {
+            (Some(_), Some(last)) => format!(" --prompt {last:?}"),
+            _ => String::new(),
+        };
+        let steps = calls
+            .or(self.steps)
+            .map(|n| format!(" --steps {n}"))
+            .unwrap_or_default();
+        Err(PlanError::Mismatch {
+            path: path.to_path_buf(),
+            mismatch,
+            hint: format!(
+                "compile it again for this run: rewire compile RECIPE --model MODEL --batch {} --size {}x{}{steps}{prompt}",
+                spec.batch, spec.height, spec.width
+            ),
+        })
     }
 
     /// Rebuilds the graphs (re-inferring every shape) as a compiled recipe.
