@@ -49,7 +49,7 @@ pub enum PlanError {
     #[error("{path}: {mismatch}\n  hint: {hint}")]
     Mismatch {
         path: PathBuf,
-        mismatch: Mismatch,
+        mismatch: Box<Mismatch>,
         hint: String,
     },
     #[error("{path}: segment {segment}: {source}")]
@@ -267,7 +267,7 @@ impl PlanFile {
             .unwrap_or_default();
         Err(PlanError::Mismatch {
             path: path.to_path_buf(),
-            mismatch,
+            mismatch: Box::new(mismatch),
             hint: format!(
                 "compile it again for this run: rewire compile RECIPE --model MODEL --batch {} --size {}x{}{steps}{prompt}",
                 spec.batch, spec.height, spec.width
