@@ -95,6 +95,9 @@ enum Cmd {
         shape: ShapeArgs,
         #[arg(long)]
         no_fuse: bool,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
     },
     /// The graph before and after a recipe, per layer: nodes added, removed, fused.
     Diff {
@@ -263,8 +266,8 @@ fn video_generate(a: VideoGenerateArgs) -> Result<()> {
 struct InvertArgs {
     /// A diffusers pipeline folder.
     model: PathBuf,
-    /// A PNG (or any picture the `image` crate reads), or a folder of PNGs inverted together
-    /// (sorted by name).
+    /// A PNG (or any picture the `image` crate reads), or a clip inverted as one batch: a folder
+    /// of PNGs (sorted by name) or an animated GIF.
     picture: PathBuf,
     /// The prompt the picture is inverted under (the source prompt of an edit).
     #[arg(long)]
@@ -281,29 +284,16 @@ struct InvertArgs {
     output: PathBuf,
 }
 
-/// The pictures of `path`: one picture, or every PNG of a folder sorted by name.
+/// The pictures of `path`: one picture, or the frames of a clip (a folder of PNGs sorted by
+/// name, or an animated GIF).
 fn read_pictures(path: &Path) -> Result<Vec<HostTensor>> {
-    if !path.is_dir() {
-        return Ok(vec![read_image(path)?]);
+    let gif = path
+        .extension()
+        .is_some_and(|e| e.to_string_lossy().eq_ignore_ascii_case("gif"));
+    if path.is_dir() || gif {
+        return Ok(rewire::video::read_frames(path, 1)?);
     }
-    let mut files: Vec<PathBuf> = std::fs::read_dir(path)
-        .with_context(|| format!("{}: cannot list the folder", path.display()))?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| {
-            p.extension()
-                .is_some_and(|e| e.to_string_lossy().eq_ignore_ascii_case("png"))
-        })
-        .collect();
-    files.sort();
-    if files.is_empty() {
-        bail!(
-            "{}: the folder holds no PNG\n  hint: give a picture, or a folder of frames named so that they sort in order (frame_000.png, ...)",
-            path.display()
-        );
-    }
-    rewire::limits::at_most(files.len(), rewire::limits::MAX_BATCH, "MAX_BATCH")
-        .map_err(|e| anyhow::anyhow!("{}: {} pictures: {e}", path.display(), files.len()))?;
-    files.iter().map(|f| read_image(f)).collect()
+    Ok(vec![read_image(path)?])
 }
 
 fn invert(a: InvertArgs) -> Result<()> {
@@ -1288,20 +1278,7 @@ fn explain(c: &compile::Compiled) {
         }
     }
     // Hoisting: what each graph of the run computes once per job instead of at every step.
-    let mut graphs: Vec<(String, &Graph)> = Vec::new();
-    for seg in &c.segments {
-        let when = match seg.steps {
-            None => "all steps".to_string(),
-            Some((a, b)) => format!("steps {a}..{b}"),
-        };
-        match &seg.cached {
-            None => graphs.push((when, &seg.graph)),
-            Some(g) => {
-                graphs.push((format!("{when}, full steps"), &seg.graph));
-                graphs.push((format!("{when}, cached steps"), g));
-            }
-        }
-    }
+    let graphs = run_graphs(c);
     for (when, g) in graphs {
         match compile::hoist::split(g) {
             Ok(Some(h)) => {
@@ -1346,6 +1323,79 @@ fn explain(c: &compile::Compiled) {
         }
         println!("  total held: {}", bytes(total));
     }
+}
+
+/// The graphs a run of `c` lowers, each with when it runs.
+fn run_graphs(c: &compile::Compiled) -> Vec<(String, &Graph)> {
+    let mut graphs: Vec<(String, &Graph)> = Vec::new();
+    for seg in &c.segments {
+        let when = match seg.steps {
+            None => "all steps".to_string(),
+            Some((a, b)) => format!("steps {a}..{b}"),
+        };
+        match &seg.cached {
+            None => graphs.push((when, &seg.graph)),
+            Some(g) => {
+                graphs.push((format!("{when}, full steps"), &seg.graph));
+                graphs.push((format!("{when}, cached steps"), g));
+            }
+        }
+    }
+    graphs
+}
+
+/// `explain` for programs: the same facts as the text, typed.
+fn explain_json(c: &compile::Compiled) -> serde_json::Value {
+    let segments: Vec<serde_json::Value> = c
+        .segments
+        .iter()
+        .map(|s| {
+            let cached = s.cached.as_ref().map(|g| {
+                let (fnodes, _, fflops) = s.graph.totals();
+                let (cnodes, _, cflops) = g.totals();
+                json!({"nodes": cnodes, "flops": cflops, "full_nodes": fnodes, "full_flops": fflops})
+            });
+            let layers: Vec<serde_json::Value> = s
+                .layers
+                .iter()
+                .map(|l| {
+                    let mut v = serde_json::to_value(l).unwrap_or_default();
+                    v["fusion_text"] = l.fusion.to_string().into();
+                    v
+                })
+                .collect();
+            json!({"steps": s.steps, "layers": layers, "cached_steps": cached})
+        })
+        .collect();
+    let hoisted: Vec<serde_json::Value> = run_graphs(c)
+        .into_iter()
+        .map(|(when, g)| match compile::hoist::split(g) {
+            Ok(Some(h)) => json!({
+                "graph": when,
+                "nodes": h.nodes,
+                "flops_per_step": h.flops,
+                "bytes": h.bytes(),
+                "values": h.values,
+            }),
+            Ok(None) => json!({"graph": when, "nodes": 0, "values": []}),
+            Err(e) => json!({"graph": when, "error": e.to_string()}),
+        })
+        .collect();
+    let full_steps: Option<Vec<usize>> = match (&c.cache, c.steps) {
+        (Some(d), Some(n)) => Some((0..n).filter(|&i| d.full(i)).collect()),
+        _ => None,
+    };
+    json!({
+        "recipe": c.recipe,
+        "spec": c.spec,
+        "steps": c.steps,
+        "segments": segments,
+        "unbound_words": c.unbound_words,
+        "cache": c.cache,
+        "cache_full_steps": full_steps,
+        "hoisted": hoisted,
+        "state": compile::state::slots(c),
+    })
 }
 
 fn bytes(n: usize) -> String {
@@ -1424,9 +1474,14 @@ fn run(cli: Cli) -> Result<()> {
             model,
             shape,
             no_fuse,
+            json,
         } => {
             let (_, _, c) = compile_for(&recipe, &model, &shape, !no_fuse, false)?;
-            explain(&c);
+            if json {
+                println!("{}", serde_json::to_string_pretty(&explain_json(&c))?);
+            } else {
+                explain(&c);
+            }
             Ok(())
         }
         Cmd::Diff {

@@ -253,6 +253,29 @@ fn deepcache_through_the_cli() {
         stdout.contains("cache.features [2, 64, 16, 16]: 128.0 KiB"),
         "{stdout}"
     );
+    // The same facts for programs.
+    let (ok, stdout, err) = rewire(&[
+        "explain",
+        root().join("rewrites/deepcache.ron").to_str().unwrap(),
+        "--model",
+        shapes_sd().to_str().unwrap(),
+        "--steps",
+        "20",
+        "--json",
+    ]);
+    assert!(ok, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(
+        v["cache_full_steps"],
+        serde_json::json!([0, 3, 6, 9, 12, 15, 18])
+    );
+    assert_eq!(v["cache"]["resume"], "up_blocks.2.resnets.1");
+    assert_eq!(v["state"][0]["name"], "cache.features");
+    assert_eq!(v["state"][0]["bytes"], 2 * 64 * 16 * 16 * 4);
+    assert!(v["segments"][0]["cached_steps"]["nodes"].as_u64().unwrap() < 60);
+    // Hoisted: the full graph's 7 cross-attention layers' K and V, the cached graph's 1 layer's.
+    assert_eq!(v["hoisted"][0]["values"].as_array().unwrap().len(), 14);
+    assert_eq!(v["hoisted"][1]["values"].as_array().unwrap().len(), 2);
 }
 
 /// A Cache survives a plan file; a single forward refuses a cached step.

@@ -196,7 +196,7 @@ fn invert_through_the_cli() {
         "-o",
         &p("a.safetensors"),
     ]);
-    assert!(!ok && err.contains("holds no PNG"), "{err}");
+    assert!(!ok && err.contains("no PNG"), "{err}");
     std::fs::create_dir(p("mixed")).unwrap();
     image::RgbImage::new(64, 64).save(p("mixed/a.png")).unwrap();
     image::RgbImage::new(32, 64).save(p("mixed/b.png")).unwrap();
@@ -209,7 +209,10 @@ fn invert_through_the_cli() {
         "-o",
         &p("a.safetensors"),
     ]);
-    assert!(!ok && err.contains("picture 1 is [64, 32, 3]"), "{err}");
+    assert!(
+        !ok && err.contains("frame 1 is 32×64, frame 0 is 64×64"),
+        "{err}"
+    );
     image::RgbImage::new(62, 62).save(p("odd.png")).unwrap();
     let (ok, _, err) = rewire(&[
         "invert",

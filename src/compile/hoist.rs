@@ -17,7 +17,7 @@ pub fn constant_input(name: &str) -> bool {
 }
 
 /// One value the prologue computes for the step graph.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct Hoisted {
     /// The prologue's output and the step graph's input (`hoist.0`, …).
     pub name: String,
