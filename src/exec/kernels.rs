@@ -1,5 +1,10 @@
-//! One kernel per op, holding its weights on the device. Weights are read once at lowering
-//! (f16/bf16 widened to f32; linear weights transposed to `[in, out]` for Burn's `linear`).
+//! One kernel per op, holding its weights. Weights are read once at lowering (f16/bf16 widened to
+//! f32; linear weights transposed to `[in, out]`). On the CPU backend (flex) the linear and
+//! convolution weights stay on the host, convolution weights permuted to `[cout, k·k·cin]`, for
+//! rewire's own kernels ([`super::cpu_conv`]); on the other backends they are device tensors for
+//! Burn's `linear` and `conv2d`.
+//!
+//! Try it: `cargo test --release --test parity` runs every kernel against diffusers' outputs.
 
 use super::tome::MergePlan;
 use super::{ExecError, HostTensor, LowerOptions, WeightDtype, upload};
