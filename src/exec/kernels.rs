@@ -1,5 +1,10 @@
-//! One kernel per op, holding its weights on the device. Weights are read once at lowering
-//! (f16/bf16 widened to f32; linear weights transposed to `[in, out]` for Burn's `linear`).
+//! One kernel per op, holding its weights. Weights are read once at lowering (f16/bf16 widened to
+//! f32; linear weights transposed to `[in, out]`). On the CPU backend (flex) the linear and
+//! convolution weights stay on the host, convolution weights permuted to `[cout, k·k·cin]`, for
+//! rewire's own kernels ([`super::cpu_conv`]); on the other backends they are device tensors for
+//! Burn's `linear` and `conv2d`.
+//!
+//! Try it: `cargo test --release --test parity` runs every kernel against diffusers' outputs.
 
 use super::tome::MergePlan;
 use super::{ExecError, HostTensor, LowerOptions, WeightDtype, upload};
@@ -9,6 +14,9 @@ use burn::tensor::activation::{gelu, silu};
 use burn::tensor::module::{attention, conv2d, interpolate, layer_norm, linear};
 use burn::tensor::ops::{AttentionModuleOptions, ConvOptions, InterpolateMode, InterpolateOptions};
 use burn::tensor::{Device, FloatDType, Tensor};
+use rayon::prelude::*;
+use std::borrow::Cow;
+use std::sync::Arc;
 
 /// A device tensor of rank 1 to 4, or a token-merge plan.
 #[derive(Debug, Clone)]
@@ -102,11 +110,90 @@ pub enum AttentionImpl {
     Naive,
 }
 
+/// A weight matrix on the host for the CPU kernels ([`super::cpu_conv`]), in the dtype it is
+/// held as: half precision keeps half the memory and is widened to f32 per call (exact).
+#[derive(Debug, Clone)]
+enum HostW {
+    F32(Arc<Vec<f32>>),
+    F16(Arc<Vec<half::f16>>),
+    Bf16(Arc<Vec<half::bf16>>),
+}
+
+impl HostW {
+    /// The same values held as `dtype` (rounded to nearest, as Burn's cast does).
+    fn narrow(&self, dtype: WeightDtype) -> HostW {
+        let v = self.f32();
+        match dtype {
+            WeightDtype::F32 => HostW::F32(Arc::new(v.into_owned())),
+            WeightDtype::F16 => HostW::F16(Arc::new(
+                v.par_iter().map(|&x| half::f16::from_f32(x)).collect(),
+            )),
+            WeightDtype::Bf16 => HostW::Bf16(Arc::new(
+                v.par_iter().map(|&x| half::bf16::from_f32(x)).collect(),
+            )),
+        }
+    }
+
+    /// The values as f32 (borrowed when held as f32).
+    fn f32(&self) -> Cow<'_, [f32]> {
+        match self {
+            HostW::F32(v) => Cow::Borrowed(v.as_slice()),
+            HostW::F16(v) => Cow::Owned(v.par_iter().map(|x| x.to_f32()).collect()),
+            HostW::Bf16(v) => Cow::Owned(v.par_iter().map(|x| x.to_f32()).collect()),
+        }
+    }
+}
+
+/// A weight: on the host on the CPU backend (flex), where rewire's own kernels use it in the
+/// layout they want, laid out once at load; on the device for the other backends.
+// Built once per kernel and never moved in a hot loop: size does not matter.
+#[allow(clippy::large_enum_variant)]
+#[derive(Debug, Clone)]
+enum Held<const D: usize> {
+    Device(Tensor<D>),
+    Host(HostW, [usize; D]),
+}
+
+impl<const D: usize> Held<D> {
+    fn new(data: Vec<f32>, shape: [usize; D], dev: &Device) -> Self {
+        if is_cpu(dev) {
+            Held::Host(HostW::F32(Arc::new(data)), shape)
+        } else {
+            Held::Device(upload(&shape, data, dev))
+        }
+    }
+
+    /// The weight as an f32 device tensor (only uploaded when it is held on the host and the
+    /// input is on another device, which lowering never produces).
+    fn tensor(&self, dev: &Device) -> Tensor<D> {
+        match self {
+            Held::Device(t) => widen(t.clone()),
+            Held::Host(h, shape) => upload(shape, h.f32().into_owned(), dev),
+        }
+    }
+
+    fn host(&self) -> Option<&HostW> {
+        match self {
+            Held::Host(h, _) => Some(h),
+            Held::Device(_) => None,
+        }
+    }
+
+    fn store_as(&mut self, dtype: WeightDtype) {
+        *self = match self {
+            Held::Device(t) => Held::Device(narrow_to(t.clone(), dtype)),
+            Held::Host(h, shape) => Held::Host(h.narrow(dtype), *shape),
+        };
+    }
+}
+
 /// Linear weights, transposed to `[in, out]`.
 #[derive(Debug, Clone)]
 pub struct LinearW {
-    w: Tensor<2>,
+    w: Held<2>,
     b: Option<Tensor<1>>,
+    /// The bias on the host, for the CPU kernel.
+    bias: Option<Arc<Vec<f32>>>,
 }
 
 impl LinearW {
@@ -126,27 +213,49 @@ impl LinearW {
                 t[c * o + r] = w[r * i + c];
             }
         }
-        let b = if bias {
-            Some(upload(
-                &[o],
-                files.read(&format!("{path}.bias"), &[o])?,
-                dev,
-            ))
+        let bias = if bias {
+            Some(files.read(&format!("{path}.bias"), &[o])?)
         } else {
             None
         };
         Ok(LinearW {
-            w: upload(&[i, o], t, dev),
-            b,
+            w: Held::new(t, [i, o], dev),
+            b: bias.clone().map(|b| upload(&[o], b, dev)),
+            bias: bias.map(Arc::new),
         })
     }
 
     pub(crate) fn apply<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
-        linear(x, widen(self.w.clone()), self.b.clone())
+        if on_cpu(&x)
+            && let Some(w) = self.w.host()
+        {
+            let dims = x.dims();
+            let dev = x.device();
+            let rows = dims[..D - 1].iter().product();
+            let y = self.apply_host(&host(x), rows, &w.f32());
+            let mut shape = dims;
+            shape[D - 1] = self.outputs();
+            return upload(&shape, y, &dev);
+        }
+        linear(x.clone(), self.w.tensor(&x.device()), self.b.clone())
+    }
+
+    fn outputs(&self) -> usize {
+        match &self.w {
+            Held::Device(t) => t.dims()[1],
+            Held::Host(_, shape) => shape[1],
+        }
+    }
+
+    /// `x` `[rows, in]` through the CPU kernel with the weights `w` (`[in, out]`, as f32).
+    fn apply_host(&self, x: &[f32], rows: usize, w: &[f32]) -> Vec<f32> {
+        let o = self.outputs();
+        let i = w.len() / o.max(1);
+        super::cpu_conv::linear(x, rows, i, w, o, self.bias.as_deref().map(Vec::as_slice))
     }
 
     fn store_as(&mut self, dtype: WeightDtype) {
-        self.w = narrow_to(self.w.clone(), dtype);
+        self.w.store_as(dtype);
     }
 }
 
@@ -164,11 +273,16 @@ fn widen<const D: usize>(w: Tensor<D>) -> Tensor<D> {
     w.cast(FloatDType::F32)
 }
 
-/// A 2-D convolution with its weights.
+/// A 2-D convolution with its weights: `[cout, cin, k, k]` on the device, or on the host as
+/// the `[cout, k·k·cin]` matrix the CPU kernel multiplies by (held with shape `[cout, k, k, cin]`).
 #[derive(Debug, Clone)]
 pub struct ConvW {
-    w: Tensor<4>,
+    w: Held<4>,
     b: Tensor<1>,
+    /// The bias on the host, for the CPU kernel.
+    bias: Arc<Vec<f32>>,
+    stride: usize,
+    pad: [usize; 4],
     opts: ConvOptions<2>,
 }
 
@@ -187,9 +301,21 @@ impl ConvW {
     ) -> Result<Self, WeightError> {
         let w = files.read(&format!("{path}.weight"), &[cout, cin, k, k])?;
         let b = files.read(&format!("{path}.bias"), &[cout])?;
+        let w = if is_cpu(dev) {
+            Held::new(
+                super::cpu_conv::pack_conv_weight(&w, cout, cin, k),
+                [cout, k, k, cin],
+                dev,
+            )
+        } else {
+            Held::new(w, [cout, cin, k, k], dev)
+        };
         Ok(ConvW {
-            w: upload(&[cout, cin, k, k], w, dev),
-            b: upload(&[cout], b, dev),
+            w,
+            b: upload(&[cout], b.clone(), dev),
+            bias: Arc::new(b),
+            stride,
+            pad,
             opts: ConvOptions::new_with_padding(
                 [stride, stride],
                 [(pad[0], pad[1]), (pad[2], pad[3])],
@@ -200,16 +326,44 @@ impl ConvW {
     }
 
     pub(crate) fn apply(&self, x: Tensor<4>) -> Tensor<4> {
-        conv2d(
-            x,
-            widen(self.w.clone()),
-            Some(self.b.clone()),
-            self.opts.clone(),
+        if on_cpu(&x) && self.w.host().is_some() {
+            let [b, c, h, w] = x.dims();
+            let dev = x.device();
+            let (y, [ho, wo]) = self.apply_host(&host(x), [b, c, h, w]);
+            return upload(&[b, self.b.dims()[0], ho, wo], y, &dev);
+        }
+        let w = match &self.w {
+            Held::Device(_) => self.w.tensor(&x.device()),
+            Held::Host(..) => self.w.tensor(&x.device()).permute([0, 3, 1, 2]),
+        };
+        conv2d(x.clone(), w, Some(self.b.clone()), self.opts.clone())
+    }
+
+    /// The CPU kernel on host data `[b, c, h, w]`: the output and its height and width.
+    /// Call only when the weights are held on the host.
+    fn apply_host(&self, x: &[f32], [batch, cin, h, w]: [usize; 4]) -> (Vec<f32>, [usize; 2]) {
+        let Held::Host(wt, [cout, k, _, _]) = &self.w else {
+            unreachable!("apply_host is only called with host weights")
+        };
+        let dims = super::cpu_conv::ConvDims {
+            batch,
+            cin,
+            h,
+            w,
+            cout: *cout,
+            k: *k,
+            stride: self.stride,
+            pad: self.pad,
+        };
+        let (ho, wo) = dims.out_hw();
+        (
+            super::cpu_conv::conv2d(x, dims, &wt.f32(), &self.bias),
+            [ho, wo],
         )
     }
 
     fn store_as(&mut self, dtype: WeightDtype) {
-        self.w = narrow_to(self.w.clone(), dtype);
+        self.w.store_as(dtype);
     }
 }
 
@@ -251,6 +405,12 @@ impl GroupNormW {
             return self.apply_cpu(x, true);
         }
         silu(self.apply(x))
+    }
+
+    /// `silu(norm(x))` of host data `[b, c, spatial]` through the CPU kernel.
+    fn host_silu(&self, x: &[f32], b: usize, c: usize, spatial: usize) -> Vec<f32> {
+        let (gamma, beta) = self.host.as_ref();
+        super::cpu_ops::group_norm(x, b, c, spatial, self.groups, self.eps, gamma, beta, true)
     }
 
     fn apply_cpu(&self, x: Tensor<4>, silu: bool) -> Tensor<4> {
@@ -296,6 +456,48 @@ pub struct ResnetW {
     conv2: ConvW,
     shortcut: Option<ConvW>,
     scale: f64,
+}
+
+impl ResnetW {
+    /// Whether every convolution's weights are on the host (the CPU backend).
+    fn on_host(&self) -> bool {
+        self.conv1.w.host().is_some()
+            && self.conv2.w.host().is_some()
+            && self.shortcut.as_ref().is_none_or(|s| s.w.host().is_some())
+    }
+
+    /// The resnet on the host from end to end (norms, convolutions, the time embedding's add,
+    /// the skip add and the output scale), with one read of `x` and one upload.
+    fn run_cpu(&self, x: Tensor<4>, t: Tensor<2>) -> Tensor<4> {
+        let [b, c, h, w] = x.dims();
+        let dev = x.device();
+        let xs = host(x);
+        let n1 = self.norm1.host_silu(&xs, b, c, h * w);
+        let (mut hs, [ho, wo]) = self.conv1.apply_host(&n1, [b, c, h, w]);
+        drop(n1);
+        let o = self.conv1.bias.len();
+        let tv = host(self.temb.apply(silu(t)));
+        let p = ho * wo;
+        if p > 0 {
+            hs.par_chunks_mut(p)
+                .zip(tv.par_iter())
+                .for_each(|(row, &v)| row.iter_mut().for_each(|e| *e += v));
+        }
+        let n2 = self.norm2.host_silu(&hs, b, o, p);
+        drop(hs);
+        let (h2, _) = self.conv2.apply_host(&n2, [b, o, ho, wo]);
+        drop(n2);
+        let mut y = match &self.shortcut {
+            Some(s) => s.apply_host(&xs, [b, c, h, w]).0,
+            None => xs,
+        };
+        let scale = self.scale as f32;
+        y.par_iter_mut().zip(h2.par_iter()).for_each(|(a, &v)| {
+            let s = *a + v;
+            *a = if self.scale != 1.0 { s / scale } else { s };
+        });
+        upload(&[b, o, ho, wo], y, &dev)
+    }
 }
 
 /// A lowered op.
@@ -673,6 +875,9 @@ impl Kernel {
                 } = r.as_ref();
                 let x = arg(0).r4();
                 let t = arg(1).r2();
+                if on_cpu(&x) && r.on_host() {
+                    return Value::R4(r.run_cpu(x, t));
+                }
                 let h = conv1.apply(norm1.apply_silu(x.clone()));
                 let [b, o] = [h.dims()[0], h.dims()[1]];
                 let t = temb.apply(silu(t)).reshape([b, o, 1, 1]);
@@ -700,6 +905,17 @@ impl Kernel {
             }
             Kernel::FeedForward { proj, out } => {
                 let x = arg(0).r3();
+                if on_cpu(&x)
+                    && let (Some(pw), Some(ow)) = (proj.w.host(), out.w.host())
+                {
+                    // On the host from end to end: one read, one upload.
+                    let [b, n, _] = x.dims();
+                    let dev = x.device();
+                    let h = proj.apply_host(&host(x), b * n, &pw.f32());
+                    let g = super::cpu_conv::geglu(&h, b * n, proj.outputs() / 2);
+                    let y = out.apply_host(&g, b * n, &ow.f32());
+                    return Value::R3(upload(&[b, n, out.outputs()], y, &dev));
+                }
                 let h = proj.apply(x);
                 let mut parts = h.chunk(2, 2);
                 let gate = parts.pop().expect("two chunks");
@@ -977,6 +1193,19 @@ fn on_cpu<const D: usize>(t: &Tensor<D>) -> bool {
     #[cfg(not(feature = "flex"))]
     {
         let _ = t;
+        false
+    }
+}
+
+/// Whether `dev` is the CPU backend (flex).
+fn is_cpu(dev: &Device) -> bool {
+    #[cfg(feature = "flex")]
+    {
+        *dev == Device::flex()
+    }
+    #[cfg(not(feature = "flex"))]
+    {
+        let _ = dev;
         false
     }
 }

@@ -7,6 +7,7 @@
 //! Try it: `rewire forward models/tiny-sd --inputs tests/fixtures/unet_cases/baseline.safetensors --out /tmp/out.safetensors`.
 
 pub mod cpu_attention;
+pub mod cpu_conv;
 pub mod cpu_ops;
 pub(crate) mod kernels;
 pub mod simd;
