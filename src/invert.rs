@@ -7,10 +7,9 @@
 //! Try it: `rewire invert models/shapes-sd --prompt "a red circle on the left" picture.png -o inv.safetensors`,
 //! then `rewire run models/shapes-sd --prompt "a red circle on the left" --guidance 1 --scheduler ddim --latents inv.safetensors -o recon.png`.
 
-use crate::exec::{HostTensor, KernelCache, LowerOptions, Plan, State, Value};
+use crate::exec::{HostTensor, KernelCache, LowerOptions, Plan, Value};
 use crate::pipeline::{Pipeline, PipelineError, RunOptions};
 use crate::scheduler::DdimInverse;
-use std::collections::HashMap;
 
 /// What an inversion needs: the prompt (one for every picture), the step count, how weights
 /// are held.
@@ -160,24 +159,8 @@ pub fn invert_latents(
     let mut x = latents_0.data.clone();
     let mut per_step = Vec::with_capacity(timesteps.len());
     for (i, &t) in timesteps.iter().enumerate() {
-        let mut inputs = HashMap::new();
-        inputs.insert(
-            "sample".to_string(),
-            HostTensor::new(vec![n, c, lh, lw], x.clone()),
-        );
-        inputs.insert(
-            "timestep".to_string(),
-            HostTensor::new(vec![1], vec![t as f32]),
-        );
-        inputs.insert(
-            "encoder_hidden_states".to_string(),
-            cond.encoder_hidden_states.clone(),
-        );
-        if let Some((text_embeds, time_ids)) = &cond.text_time {
-            inputs.insert("text_embeds".to_string(), text_embeds.clone());
-            inputs.insert("time_ids".to_string(), time_ids.clone());
-        }
-        let (out, _) = plan.run_with_state(&inputs, State::new(), &[])?;
+        let inputs = cond.unet_inputs(HostTensor::new(vec![n, c, lh, lw], x.clone()), t);
+        let out = plan.run_host(&inputs)?;
         x = sched.step(&out["out"].data, t, &x);
         per_step.push(HostTensor::new(vec![n, c, lh, lw], x.clone()));
         progress(i + 1, timesteps.len());

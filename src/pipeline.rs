@@ -196,6 +196,34 @@ pub struct Conditioning {
     pub text_time: Option<(HostTensor, HostTensor)>,
 }
 
+impl Conditioning {
+    /// The run's constants as UNet inputs: `encoder_hidden_states` (and SDXL's `text_embeds`,
+    /// `time_ids`).
+    pub fn constants(&self) -> HashMap<String, HostTensor> {
+        let mut inputs = HashMap::new();
+        inputs.insert(
+            "encoder_hidden_states".to_string(),
+            self.encoder_hidden_states.clone(),
+        );
+        if let Some((text_embeds, time_ids)) = &self.text_time {
+            inputs.insert("text_embeds".to_string(), text_embeds.clone());
+            inputs.insert("time_ids".to_string(), time_ids.clone());
+        }
+        inputs
+    }
+
+    /// One UNet call's inputs: the constants, `sample` and `timestep` `t`.
+    pub fn unet_inputs(&self, sample: HostTensor, t: f64) -> HashMap<String, HostTensor> {
+        let mut inputs = self.constants();
+        inputs.insert("sample".to_string(), sample);
+        inputs.insert(
+            "timestep".to_string(),
+            HostTensor::new(vec![1], vec![t as f32]),
+        );
+        inputs
+    }
+}
+
 /// What to generate.
 #[derive(Debug, Clone)]
 pub struct RunOptions {
@@ -713,15 +741,7 @@ impl Pipeline {
         }
         let mut cache = KernelCache::default();
         // The run's constants (the text states) for the hoisting prologues.
-        let mut constants = HashMap::new();
-        constants.insert(
-            "encoder_hidden_states".to_string(),
-            cond.encoder_hidden_states.clone(),
-        );
-        if let Some((text_embeds, time_ids)) = &cond.text_time {
-            constants.insert("text_embeds".to_string(), text_embeds.clone());
-            constants.insert("time_ids".to_string(), time_ids.clone());
-        }
+        let constants = cond.constants();
         // A graph's step plan and the values its prologue hoisted (computed here, once).
         let lower = |g: &crate::graph::Graph,
                      cache: &mut KernelCache|
@@ -835,23 +855,8 @@ impl Pipeline {
                 latents.clone()
             };
             let model_in = sched.scale_model_input(&model_in, t);
-            let mut inputs = HashMap::new();
-            inputs.insert(
-                "sample".to_string(),
-                HostTensor::new(vec![batch, channels, lh, lw], model_in),
-            );
-            inputs.insert(
-                "timestep".to_string(),
-                HostTensor::new(vec![1], vec![t as f32]),
-            );
-            inputs.insert(
-                "encoder_hidden_states".to_string(),
-                cond.encoder_hidden_states.clone(),
-            );
-            if let Some((text_embeds, time_ids)) = &cond.text_time {
-                inputs.insert("text_embeds".to_string(), text_embeds.clone());
-                inputs.insert("time_ids".to_string(), time_ids.clone());
-            }
+            let inputs =
+                cond.unet_inputs(HostTensor::new(vec![batch, channels, lh, lw], model_in), t);
             // A Cache's features stay on the device from a full step to the next.
             // (Device tensors are reference-counted: the clone copies no data.)
             let have = features.contains_key(crate::compile::cache::FEATURES);

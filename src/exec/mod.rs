@@ -513,21 +513,7 @@ impl Plan {
         &self,
         given: &HashMap<String, HostTensor>,
     ) -> Result<HashMap<String, HostTensor>, ExecError> {
-        let mut dev = HashMap::new();
-        for (name, _, shape) in &self.inputs {
-            if let Some(t) = given.get(name) {
-                if t.shape != *shape {
-                    return Err(ExecError::InputShape {
-                        name: name.clone(),
-                        expected: shape.clone(),
-                        found: t.shape.clone(),
-                    });
-                }
-                dev.insert(name.clone(), Value::from_host(t, &self.device));
-            }
-        }
-        let out = self.run(dev)?;
-        Ok(out.into_iter().map(|(k, v)| (k, v.to_host())).collect())
+        Ok(self.run_with_state(given, State::new(), &[])?.0)
     }
 }
 

@@ -22,19 +22,7 @@ impl Ddim {
     /// Reads the fields `DDIMScheduler` uses (with its defaults: `clip_sample: true`, which rewire
     /// refuses, `set_alpha_to_one: true`, `timestep_spacing: "leading"`).
     pub fn from_config(config: &SchedulerConfig) -> Result<Self, SchedulerError> {
-        let r = ConfigReader {
-            config,
-            class: Self::CLASS,
-        };
-        let common = r.common(Spacing::Leading)?;
-        r.require_bool("clip_sample", true, false)?;
-        r.require_bool("thresholding", false, false)?;
-        let set_alpha_to_one = r.bool("set_alpha_to_one", true)?;
-        let final_alpha_cumprod = if set_alpha_to_one {
-            1.0
-        } else {
-            common.alphas_cumprod[0]
-        };
+        let (common, final_alpha_cumprod) = read_ddim(config, Self::CLASS)?;
         Ok(Self {
             common,
             final_alpha_cumprod,
@@ -98,23 +86,57 @@ impl Ddim {
         } else {
             self.final_alpha_cumprod
         };
-        let beta_prod_t = 1.0 - alpha_prod_t;
-        let (sqrt_a, sqrt_b) = (alpha_prod_t.sqrt(), beta_prod_t.sqrt());
-        let sqrt_a_prev = alpha_prod_t_prev.sqrt();
         // sqrt(1 - ᾱ_prev - std_dev_t²) with std_dev_t = eta · sqrt(variance) = 0.
-        let dir_coeff = (1.0 - alpha_prod_t_prev).sqrt();
-        model_output
-            .iter()
-            .zip(sample)
-            .map(|(&m, &x)| {
-                let (x0, eps) = match self.common.prediction {
-                    Prediction::Epsilon => ((x - sqrt_b * m) / sqrt_a, m),
-                    Prediction::V => (sqrt_a * x - sqrt_b * m, sqrt_a * m + sqrt_b * x),
-                };
-                sqrt_a_prev * x0 + dir_coeff * eps
-            })
-            .collect()
+        ddim_move(
+            self.common.prediction,
+            model_output,
+            sample,
+            alpha_prod_t,
+            alpha_prod_t_prev,
+        )
     }
+}
+
+/// The fields DDIM and its inverse read: the common ones, `clip_sample` and `thresholding`
+/// false, and ᾱ before the first training step (1 with `set_alpha_to_one`, diffusers' default).
+fn read_ddim(
+    config: &SchedulerConfig,
+    class: &'static str,
+) -> Result<(Common, f32), SchedulerError> {
+    let r = ConfigReader { config, class };
+    let common = r.common(Spacing::Leading)?;
+    r.require_bool("clip_sample", true, false)?;
+    r.require_bool("thresholding", false, false)?;
+    let alpha_one = if r.bool("set_alpha_to_one", true)? {
+        1.0
+    } else {
+        common.alphas_cumprod[0]
+    };
+    Ok((common, alpha_one))
+}
+
+/// A deterministic DDIM move of `sample` from noise level ᾱ `from` to ᾱ `to` (down for
+/// sampling, up for inversion): `sqrt(to)·x̂₀ + sqrt(1 − to)·ε̂`, in float32 as torch computes it.
+fn ddim_move(
+    prediction: Prediction,
+    model_output: &[f32],
+    sample: &[f32],
+    from: f32,
+    to: f32,
+) -> Vec<f32> {
+    let (sqrt_a, sqrt_b) = (from.sqrt(), (1.0 - from).sqrt());
+    let (sqrt_to, dir_coeff) = (to.sqrt(), (1.0 - to).sqrt());
+    model_output
+        .iter()
+        .zip(sample)
+        .map(|(&m, &x)| {
+            let (x0, eps) = match prediction {
+                Prediction::Epsilon => ((x - sqrt_b * m) / sqrt_a, m),
+                Prediction::V => (sqrt_a * x - sqrt_b * m, sqrt_a * m + sqrt_b * x),
+            };
+            sqrt_to * x0 + dir_coeff * eps
+        })
+        .collect()
 }
 
 /// diffusers' `DDIMInverseScheduler` (eta 0): DDIM run backwards, from an image's latents
@@ -135,13 +157,7 @@ impl DdimInverse {
     pub const CLASS: &'static str = "DDIMInverseScheduler";
 
     pub fn from_config(config: &SchedulerConfig) -> Result<Self, SchedulerError> {
-        let r = ConfigReader {
-            config,
-            class: Self::CLASS,
-        };
-        let common = r.common(Spacing::Leading)?;
-        r.require_bool("clip_sample", true, false)?;
-        r.require_bool("thresholding", false, false)?;
+        let (common, initial_alpha_cumprod) = read_ddim(config, Self::CLASS)?;
         if common.spacing == Spacing::Linspace {
             return Err(SchedulerError::Unsupported {
                 path: common.path.clone(),
@@ -152,11 +168,6 @@ impl DdimInverse {
                     .into(),
             });
         }
-        let initial_alpha_cumprod = if r.bool("set_alpha_to_one", true)? {
-            1.0
-        } else {
-            common.alphas_cumprod[0]
-        };
         Ok(Self {
             common,
             initial_alpha_cumprod,
@@ -213,18 +224,12 @@ impl DdimInverse {
             self.initial_alpha_cumprod
         };
         let alpha_to = self.common.alpha_prod(to);
-        let (sqrt_a, sqrt_b) = (alpha_from.sqrt(), (1.0 - alpha_from).sqrt());
-        let (sqrt_a_to, dir_coeff) = (alpha_to.sqrt(), (1.0 - alpha_to).sqrt());
-        model_output
-            .iter()
-            .zip(sample)
-            .map(|(&m, &x)| {
-                let (x0, eps) = match self.common.prediction {
-                    Prediction::Epsilon => ((x - sqrt_b * m) / sqrt_a, m),
-                    Prediction::V => (sqrt_a * x - sqrt_b * m, sqrt_a * m + sqrt_b * x),
-                };
-                sqrt_a_to * x0 + dir_coeff * eps
-            })
-            .collect()
+        ddim_move(
+            self.common.prediction,
+            model_output,
+            sample,
+            alpha_from,
+            alpha_to,
+        )
     }
 }
