@@ -174,11 +174,7 @@ struct VideoGenerateArgs {
     output: PathBuf,
 }
 
-/// The built-in Text2Video-Zero recipe.
-const T2V_ZERO: &str = include_str!("../rewrites/t2v_zero.ron");
-
 fn video_generate(a: VideoGenerateArgs) -> Result<()> {
-    use rewire::pipeline::{Pipeline, RunOptions};
     let ext = a
         .output
         .extension()
@@ -205,24 +201,16 @@ fn video_generate(a: VideoGenerateArgs) -> Result<()> {
         rewire::weights::check_output(&p).map_err(|e| rewire::weights::write_error(&p, e))?;
     }
     let device = rewire::backend::device(&a.device)?;
-    let pipe = Pipeline::open(&a.model, &device)?;
+    let pipe = rewire::pipeline::Pipeline::open(&a.model, &device)?;
     let src = match (&a.recipe, a.no_recipe) {
         (_, true) => None,
         (Some(r), false) => Some(Source::load(r)?),
-        (None, false) => Some(Source::parse(T2V_ZERO, Path::new("rewrites/t2v_zero.ron"))?),
+        (None, false) => Some(Source::parse(
+            rewire::video::T2V_ZERO,
+            Path::new("rewrites/t2v_zero.ron"),
+        )?),
     };
-    let mut opts = RunOptions {
-        prompts: vec![a.prompt.clone(); a.frames],
-        negative: a.negative.clone(),
-        steps: a.steps,
-        guidance: a.guidance,
-        seed: a.seed,
-        frames: Some(a.frames),
-        ..Default::default()
-    };
-    let (lh, lw) = pipe.latent_size(&opts)?;
-    let c = pipe.unet.resolved.in_channels;
-    let x_t = match &a.latents {
+    let latent = match &a.latents {
         Some(p) => {
             let f = rewire::weights::TensorFiles::open(p)?;
             let name = ["latents", "x_T"]
@@ -230,28 +218,28 @@ fn video_generate(a: VideoGenerateArgs) -> Result<()> {
                 .find(|n| f.contains(n))
                 .with_context(|| format!("{}: no `latents` or `x_T` tensor", p.display()))?;
             let (shape, data) = f.read_f32(name)?;
-            if shape != [1, c, lh, lw] {
-                bail!(
-                    "{}: `{name}` is {shape:?}, the clip starts from one latent [1, {c}, {lh}, {lw}]",
-                    p.display()
-                );
-            }
-            HostTensor::new(shape, data)
+            Some(HostTensor::new(shape, data))
         }
-        None => HostTensor::new(
-            vec![1, c, lh, lw],
-            rewire::pipeline::gaussian(a.seed, c * lh * lw),
-        ),
+        None => None,
     };
-    opts.latents = Some(rewire::video::warp_latents(&x_t, a.frames, motion));
+    let opts = rewire::video::GenerateOptions {
+        prompt: a.prompt.clone(),
+        negative: a.negative.clone(),
+        frames: a.frames,
+        motion,
+        seed: a.seed,
+        latent,
+        steps: a.steps,
+        guidance: a.guidance,
+    };
     let bar = indicatif::ProgressBar::new(a.steps as u64);
     let t0 = std::time::Instant::now();
-    let out = pipe.run(&opts, src.as_ref(), |i, n| {
+    let frames = rewire::video::generate(&pipe, &opts, src.as_ref(), |i, n| {
         bar.set_length(n as u64);
         bar.set_position(i as u64);
     })?;
     bar.finish_and_clear();
-    let paths = rewire::video::write_clip(&a.output, &out.images, None, a.delay)?;
+    let paths = rewire::video::write_clip(&a.output, &frames, None, a.delay)?;
     eprintln!(
         "wrote {} and {} more files ({} frames) in {:.1}s",
         a.output.display(),

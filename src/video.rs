@@ -6,7 +6,68 @@
 //! Try it: `rewire video generate models/shapes-sd --prompt "a green square" --frames 4 --motion 64,0 -o clip.gif`.
 
 use crate::exec::HostTensor;
+use crate::pipeline::{Pipeline, PipelineError, RunOptions};
+use crate::recipe::Source;
 use std::path::{Path, PathBuf};
+
+/// Text2Video-Zero's built-in recipe: cross-frame attention to the first frame.
+pub const T2V_ZERO: &str = include_str!("../rewrites/t2v_zero.ron");
+
+/// A Text2Video-Zero clip to generate.
+#[derive(Debug, Clone)]
+pub struct GenerateOptions {
+    pub prompt: String,
+    pub negative: Option<String>,
+    pub frames: usize,
+    /// diffusers' motion_field_strength (x, y).
+    pub motion: (f64, f64),
+    pub seed: u64,
+    /// The initial latent `[1, C, h, w]` (else drawn from `seed`).
+    pub latent: Option<HostTensor>,
+    pub steps: usize,
+    pub guidance: f32,
+}
+
+/// Text2Video-Zero without its re-noising: one initial latent warped per frame
+/// ([`warp_latents`]), the frames run as one batch with classifier-free guidance and `recipe`
+/// (the built-in [`T2V_ZERO`] for cross-frame attention; `None` for plain per-frame attention).
+/// Returns the frames `[H, W, 3]`.
+pub fn generate(
+    pipe: &Pipeline,
+    opts: &GenerateOptions,
+    recipe: Option<&Source>,
+    progress: impl FnMut(usize, usize),
+) -> Result<Vec<HostTensor>, PipelineError> {
+    let mut run = RunOptions {
+        prompts: vec![opts.prompt.clone(); opts.frames],
+        negative: opts.negative.clone(),
+        steps: opts.steps,
+        guidance: opts.guidance,
+        seed: opts.seed,
+        frames: Some(opts.frames),
+        ..Default::default()
+    };
+    let (lh, lw) = pipe.latent_size(&run)?;
+    let c = pipe.unet.resolved.in_channels;
+    let x_t = match &opts.latent {
+        Some(l) if l.shape == [1, c, lh, lw] => l.clone(),
+        Some(l) => {
+            return Err(PipelineError::Component {
+                component: "video",
+                message: format!(
+                    "the initial latent is {:?}; a clip starts from one latent [1, {c}, {lh}, {lw}]",
+                    l.shape
+                ),
+            });
+        }
+        None => HostTensor::new(
+            vec![1, c, lh, lw],
+            crate::pipeline::gaussian(opts.seed, c * lh * lw),
+        ),
+    };
+    run.latents = Some(warp_latents(&x_t, opts.frames, opts.motion));
+    Ok(pipe.run(&run, recipe, progress)?.images)
+}
 
 /// Errors reading or writing frames.
 #[derive(Debug, thiserror::Error)]

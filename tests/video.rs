@@ -86,6 +86,36 @@ fn t2v_zero_matches_diffusers() {
     println!("t2v_zero frames: {ef:e}");
     assert!(ef <= 1e-3, "frames differ by {ef}");
 
+    // The library's Text2Video-Zero job is this same run.
+    let g = rewire::video::GenerateOptions {
+        prompt: "a green square".into(),
+        negative: None,
+        frames: 4,
+        motion: (64.0, 0.0),
+        seed: 0,
+        latent: Some(x_t.clone()),
+        steps: 20,
+        guidance: 7.5,
+    };
+    let builtin = Source::parse(
+        rewire::video::T2V_ZERO,
+        std::path::Path::new("t2v_zero.ron"),
+    )
+    .unwrap();
+    let frames = rewire::video::generate(&pipe, &g, Some(&builtin), |_, _| {}).unwrap();
+    assert_eq!(frames, out.images, "video::generate is the same run");
+    let bad = rewire::video::GenerateOptions {
+        latent: Some(HostTensor::new(vec![2, 4, 16, 16], vec![0.0; 2048])),
+        ..g
+    };
+    let e = rewire::video::generate(&pipe, &bad, None, |_, _| {})
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("a clip starts from one latent [1, 4, 16, 16]"),
+        "{e}"
+    );
+
     let plain = pipe.run(&opts, None, |_, _| {}).unwrap();
     let ep = per_step_error(
         &expected(&case(), "latents_per_step_plain"),
