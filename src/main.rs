@@ -7,6 +7,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use rewire::compile::plan_file::PlanFile;
 use rewire::compile::{self, CompileOptions, diff};
 use rewire::exec::{HostTensor, LowerOptions, Plan};
+use rewire::graph::keys::Key;
 use rewire::graph::{Graph, InputSpec, dump};
 use rewire::recipe::Source;
 use rewire::unet::UNet;
@@ -714,7 +715,7 @@ fn forward(a: ForwardArgs) -> Result<()> {
         let rp = Plan::lower(&recorder, &unet.weights, &device, lower)?;
         let recorded = rp.run_host(reference)?;
         for (k, v) in recorded {
-            if k.starts_with("ref.") {
+            if matches!(Key::parse(&k), Key::Reference { .. }) {
                 given.tensors.insert(k, v);
             }
         }
@@ -731,7 +732,7 @@ fn forward(a: ForwardArgs) -> Result<()> {
         .map_err(|e| rewire::weights::write_error(&a.out, e))?;
     let mut stored: Vec<(String, Vec<usize>, Vec<f32>)> = result
         .iter()
-        .filter(|(k, _)| k.starts_with("probs."))
+        .filter(|(k, _)| matches!(Key::parse(k), Key::Probs { .. }))
         .map(|(k, v)| (k.clone(), v.shape.clone(), v.data.clone()))
         .collect();
     if !stored.is_empty() {
@@ -1025,14 +1026,9 @@ fn run_job(a: RunArgs) -> Result<()> {
         stage(&mut staged, &path, &rewire::weights::encode_f32(&path, &t)?)?;
         stored = t.len();
         for (i, im) in rgb.iter().enumerate() {
-            let key = out.stores.keys().find(|k| {
-                k.starts_with("aggregate_cross_res")
-                    && (if i == 0 {
-                        !k.contains('.')
-                    } else {
-                        k.ends_with(&format!(".{i}"))
-                    })
-            });
+            let key = out.stores.keys().find(
+                |k| matches!(Key::parse(k), Key::AggregateCross { prompt, .. } if prompt == i),
+            );
             if let Some(key) = key {
                 let tiles = rewire::picture::heat_maps(&out.stores[key], &out.tokens[i], im, 128)?;
                 let path = sibling(

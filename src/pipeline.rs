@@ -1027,7 +1027,7 @@ fn aggregate_cross(c: &Compiled, stores: &mut BTreeMap<String, HostTensor>, prom
         if a.kind != AttnKind::Cross || a.place == crate::graph::Place::Mid {
             continue;
         }
-        if let Some(t) = stores.get(&format!("probs.{path}")) {
+        if let Some(t) = stores.get(&crate::graph::keys::Key::Probs { layer: path }.to_string()) {
             by_res.entry(a.grid).or_default().push(t);
         }
     }
@@ -1057,11 +1057,7 @@ fn aggregate_cross(c: &Compiled, stores: &mut BTreeMap<String, HostTensor>, prom
         }
     }
     for (p, a) in agg.into_iter().enumerate() {
-        let name = if p == 0 {
-            format!("aggregate_cross_res{h}")
-        } else {
-            format!("aggregate_cross_res{h}.{p}")
-        };
+        let name = crate::graph::keys::Key::AggregateCross { res: h, prompt: p }.to_string();
         stores.insert(name, HostTensor::new(vec![h, w, keys], a));
     }
 }

@@ -18,7 +18,8 @@ use petgraph::stable_graph::NodeIndex;
 use serde::{Deserialize, Serialize};
 use std::collections::HashSet;
 
-/// The input/output name of the cached features in the compiled graphs.
+/// The input/output name of the cached features in the compiled graphs
+/// ([`crate::graph::keys::Key::CacheFeatures`]).
 pub const FEATURES: &str = "cache.features";
 
 /// A recipe's `Cache`, resolved on a graph.

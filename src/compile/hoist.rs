@@ -6,6 +6,7 @@
 //!
 //! Try it: `rewire explain rewrites/p2p_store.ron --model models/shapes-sd` ("hoisted").
 
+use crate::graph::keys::Key;
 use crate::graph::patch::{Patch, Src};
 use crate::graph::{Graph, GraphError, Op};
 use petgraph::stable_graph::NodeIndex;
@@ -13,7 +14,8 @@ use std::collections::HashSet;
 
 /// Whether a graph input is constant over a run's steps.
 pub fn constant_input(name: &str) -> bool {
-    matches!(name, "encoder_hidden_states" | "text_embeds" | "time_ids") || name.starts_with("ref.")
+    matches!(name, "encoder_hidden_states" | "text_embeds" | "time_ids")
+        || matches!(Key::parse(name), Key::Reference { .. })
 }
 
 /// One value the prologue computes for the step graph.
@@ -101,7 +103,7 @@ pub fn split(g: &Graph) -> Result<Option<Split>, GraphError> {
         .iter()
         .enumerate()
         .map(|(k, &n)| Hoisted {
-            name: format!("hoist.{k}"),
+            name: Key::Hoisted(k).to_string(),
             path: g.g[n].path.clone(),
             op: g.g[n].op.name(),
             shape: g.g[n].shape.clone(),

@@ -72,7 +72,11 @@ pub(super) fn apply_kv(
             ..
         } => {
             let kv = g.inputs_of(to_k)[0];
-            let input = format!("ref.{name}.{path}");
+            let input = Key::Reference {
+                pass: name,
+                layer: path,
+            }
+            .to_string();
             let r = patch.add(
                 "",
                 Op::Input {

@@ -23,6 +23,7 @@ pub mod state;
 pub mod store;
 mod validate;
 
+use crate::graph::keys::Key;
 use crate::graph::patch::{Patch, Src};
 use crate::graph::{AttnInfo, Graph, GraphError, InputSpec, Op};
 use crate::recipe::spans::Seg;
@@ -488,7 +489,7 @@ pub fn compile_graph(
     for (path, ls) in &landings {
         for l in ls {
             if let RewriteOp::Store { reduce, .. } = &recipe.rewrites[l.rewrite].op {
-                stores.insert(format!("probs.{path}"), *reduce);
+                stores.insert(Key::Probs { layer: path }.to_string(), *reduce);
             }
         }
     }
@@ -648,7 +649,10 @@ fn cache_error(
 ) -> CompileError {
     match e {
         cache::CacheError::SkippedOutput { output } => {
-            let layer = output.strip_prefix("probs.").unwrap_or(&output);
+            let layer = match Key::parse(&output) {
+                Key::Probs { layer } => layer,
+                _ => output.as_str(),
+            };
             let store = landings.get(layer).and_then(|ls| {
                 ls.iter()
                     .find(|l| matches!(recipe.rewrites[l.rewrite].op, RewriteOp::Store { .. }))

@@ -445,7 +445,7 @@ fn foreign_op(
         Op::Input { name, shape } => {
             let same = theirs.iter().any(|o| matches!(o, Op::Input { name: n, shape: s } if n == name && s == shape))
                 // A reference pass's recorded K/V input has no counterpart in the model.
-                || name.starts_with("ref.")
+                || matches!(crate::graph::keys::Key::parse(name), crate::graph::keys::Key::Reference { .. })
                 // Nor do a Cache's features.
                 || (cached && name == super::cache::FEATURES);
             (!same).then(|| format!("input `{name}` {shape:?} is not one of the model's inputs"))

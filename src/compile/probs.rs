@@ -114,7 +114,7 @@ pub(super) fn apply_layer(
                 patch.add(
                     "",
                     Op::Output {
-                        name: format!("probs.{path}"),
+                        name: Key::Probs { layer: path }.to_string(),
                     },
                     &[s],
                 );

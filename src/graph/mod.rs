@@ -7,6 +7,7 @@
 //! Try it: `rewire graph models/tiny-sd --format text`.
 
 pub mod dump;
+pub mod keys;
 pub mod patch;
 
 use crate::weights::WeightSource;
