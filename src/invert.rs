@@ -7,6 +7,7 @@
 //! Try it: `rewire invert models/shapes-sd --prompt "a red circle on the left" picture.png -o inv.safetensors`,
 //! then `rewire run models/shapes-sd --prompt "a red circle on the left" --guidance 1 --scheduler ddim --latents inv.safetensors -o recon.png`.
 
+use crate::compile::store::{StoreAccumulator, Stored};
 use crate::exec::{HostTensor, KernelCache, LowerOptions, Plan, Value};
 use crate::pipeline::{Pipeline, PipelineError, RunOptions};
 use crate::scheduler::DdimInverse;
@@ -29,12 +30,29 @@ pub struct Inversion {
     pub latents_per_step: Vec<HostTensor>,
     /// The inversion's timesteps, rising.
     pub timesteps: Vec<f64>,
+    /// What the recipe's stores recorded (named state for a later pass).
+    pub stored: crate::compile::store::Stored,
 }
 
 impl Inversion {
     /// The final inverted latents (the noisiest).
     pub fn latents(&self) -> &HostTensor {
         self.latents_per_step.last().unwrap_or(&self.latents_0)
+    }
+}
+
+impl InvertOptions {
+    /// The run an inversion of `n` pictures of `width`×`height` pixels is: one cond item per
+    /// picture, no guidance (what a recipe's invert pass is compiled for).
+    pub fn run_options(&self, n: usize, width: usize, height: usize) -> RunOptions {
+        RunOptions {
+            prompts: vec![self.prompt.clone(); n],
+            steps: self.steps,
+            guidance: 1.0,
+            size: Some((width, height)),
+            weights: self.weights,
+            ..Default::default()
+        }
     }
 }
 
@@ -46,6 +64,16 @@ pub fn invert(
     pictures: &[HostTensor],
     progress: impl FnMut(usize, usize),
 ) -> Result<Inversion, PipelineError> {
+    let latents_0 = encode(pipe, opts, pictures)?;
+    invert_latents(pipe, opts, latents_0, progress)
+}
+
+/// The pictures' latents `[F, C, h, w]` (the posterior mean × scaling factor), as one batch.
+pub fn encode(
+    pipe: &Pipeline,
+    opts: &InvertOptions,
+    pictures: &[HostTensor],
+) -> Result<HostTensor, PipelineError> {
     let first = pictures.first().ok_or(PipelineError::NoPicture)?;
     let (h, w) = (first.shape[0], first.shape[1]);
     if let Some((i, p)) = pictures
@@ -67,14 +95,7 @@ pub fn invert(
         }
     })?;
     // No guidance: one cond item per picture.
-    let run = RunOptions {
-        prompts: vec![opts.prompt.clone(); n],
-        steps: opts.steps,
-        guidance: 1.0,
-        size: Some((w, h)),
-        weights: opts.weights,
-        ..Default::default()
-    };
+    let run = opts.run_options(n, w, h);
     let spec = pipe.unet_spec(&run)?;
     let (c, lh, lw) = (pipe.unet.resolved.in_channels, spec.height, spec.width);
 
@@ -97,9 +118,7 @@ pub fn invert(
     }
     let img = crate::exec::upload::<4>(&[n, 3, h, w], chw, &pipe.device);
     let z = Value::R4(pipe.vae.encode(img)).to_host();
-    let latents_0 = HostTensor::new(vec![n, c, lh, lw], z.data);
-
-    invert_latents(pipe, opts, latents_0, progress)
+    Ok(HostTensor::new(vec![n, c, lh, lw], z.data))
 }
 
 /// Inverts latents `[F, C, h, w]` (already encoded) under the prompt.
@@ -107,6 +126,19 @@ pub fn invert_latents(
     pipe: &Pipeline,
     opts: &InvertOptions,
     latents_0: HostTensor,
+    progress: impl FnMut(usize, usize),
+) -> Result<Inversion, PipelineError> {
+    invert_with(pipe, opts, latents_0, None, progress)
+}
+
+/// As [`invert_latents`], with a recipe's invert pass compiled for
+/// [`InvertOptions::run_options`]: its rewrites apply at every step and its stores record
+/// (kept in [`Inversion::stored`] for the pass that reads them).
+pub fn invert_with(
+    pipe: &Pipeline,
+    opts: &InvertOptions,
+    latents_0: HostTensor,
+    compiled: Option<&crate::compile::Compiled>,
     mut progress: impl FnMut(usize, usize),
 ) -> Result<Inversion, PipelineError> {
     let [n, c, lh, lw] = latents_0.shape[..] else {
@@ -119,14 +151,7 @@ pub fn invert_latents(
         });
     };
     let f = pipe.vae.downsample_factor();
-    let run = RunOptions {
-        prompts: vec![opts.prompt.clone(); n],
-        steps: opts.steps,
-        guidance: 1.0,
-        size: Some((lw * f, lh * f)),
-        weights: opts.weights,
-        ..Default::default()
-    };
+    let run = opts.run_options(n, lw * f, lh * f);
     let spec = pipe.unet_spec(&run)?;
     if c != pipe.unet.resolved.in_channels || (spec.height, spec.width) != (lh, lw) {
         return Err(PipelineError::Latents {
@@ -145,29 +170,75 @@ pub fn invert_latents(
             message: e.to_string(),
         })?;
     let timesteps = sched.timesteps().to_vec();
-    let graph = pipe.unet.graph(spec)?;
-    let plan = Plan::lower_shared(
-        &graph,
-        &pipe.unet.weights,
-        &pipe.device,
-        LowerOptions {
-            weights: opts.weights,
-            ..Default::default()
-        },
-        &mut KernelCache::default(),
-    )?;
+    if let Some(c) = compiled {
+        if c.spec != spec {
+            return Err(PipelineError::Spec {
+                compiled: c.spec,
+                run: spec,
+            });
+        }
+        if let Some(k) = c.steps
+            && k != timesteps.len()
+        {
+            return Err(PipelineError::Steps {
+                compiled: k,
+                run: timesteps.len(),
+            });
+        }
+    }
+    let lo = LowerOptions {
+        weights: opts.weights,
+        ..Default::default()
+    };
+    let mut kernels = KernelCache::default();
+    let mut lower = |g: &crate::graph::Graph| {
+        Plan::lower_shared(g, &pipe.unet.weights, &pipe.device, lo, &mut kernels)
+    };
+    // One plan per step segment of the recipe's pass (the plain UNet without one).
+    let plans: Vec<(Option<(usize, usize)>, Plan)> = match compiled {
+        None => vec![(None, lower(&pipe.unet.graph(spec)?)?)],
+        Some(c) => c
+            .segments
+            .iter()
+            .map(|s| Ok((s.steps, lower(&s.graph)?)))
+            .collect::<Result<_, crate::exec::ExecError>>()?,
+    };
+    let each = crate::pipeline::each_stores(compiled);
+    let keep: Vec<&str> = each.iter().map(String::as_str).collect();
+    let mut reduced = StoreAccumulator::new(compiled.map(|c| c.stores.clone()).unwrap_or_default());
+    let mut stored = Stored::default();
     let mut x = latents_0.data.clone();
     let mut per_step = Vec::with_capacity(timesteps.len());
     for (i, &t) in timesteps.iter().enumerate() {
+        let plan = &plans
+            .iter()
+            .find(|(r, _)| r.is_none_or(|(a, b)| a <= i && i < b))
+            .expect("segments cover every step")
+            .1;
         let inputs = cond.unet_inputs(HostTensor::new(vec![n, c, lh, lw], x.clone()), t);
-        let out = plan.run_host(&inputs)?;
+        let mut state = crate::exec::State::new();
+        crate::pipeline::read_stored(
+            plan,
+            t,
+            &Stored::default(),
+            &reduced,
+            &pipe.device,
+            &mut state,
+        )?;
+        let (out, mut kept) = plan.run_with_state(&inputs, state, &keep)?;
+        stored.record(t, &mut kept, &each);
+        reduced.add(&out);
         x = sched.step(&out["out"].data, t, &x);
         per_step.push(HostTensor::new(vec![n, c, lh, lw], x.clone()));
         progress(i + 1, timesteps.len());
+    }
+    for (k, t) in &reduced.finish() {
+        stored.insert_reduced(k, t, &pipe.device);
     }
     Ok(Inversion {
         latents_0,
         latents_per_step: per_step,
         timesteps,
+        stored,
     })
 }

@@ -133,6 +133,119 @@ enum VideoCmd {
     /// frame (rewrites/t2v_zero.ron, built in), classifier-free guidance; writes OUT.gif,
     /// OUT_000.png, … and OUT_strip.png.
     Generate(VideoGenerateArgs),
+    /// FateZero: invert the frames as one batch under --source-prompt while the recipe's
+    /// stores record (pass "invert"), then edit them under --prompt with guidance while its
+    /// rewrites read the stored maps (pass "edit"); rewrites/fatezero.ron is built in. Writes
+    /// OUT.gif, OUT_000.png, … and OUT_strip.png (input above output).
+    Edit(VideoEditArgs),
+}
+
+#[derive(clap::Args)]
+struct VideoEditArgs {
+    /// A diffusers pipeline folder.
+    model: PathBuf,
+    /// The clip: a folder of PNGs (sorted by name) or an animated GIF.
+    frames: PathBuf,
+    /// The prompt describing the clip (the inversion's).
+    #[arg(long)]
+    source_prompt: String,
+    /// The prompt of the edit.
+    #[arg(long)]
+    prompt: String,
+    /// The negative prompt (default "").
+    #[arg(long)]
+    negative: Option<String>,
+    #[arg(long, default_value_t = 20)]
+    steps: usize,
+    #[arg(long, default_value_t = 7.5)]
+    guidance: f32,
+    /// A recipe with passes "invert" and "edit" instead of the built-in FateZero.
+    #[arg(long, conflicts_with = "no_recipe")]
+    recipe: Option<PathBuf>,
+    /// Plain per-frame attention in both passes (no recipe): the baseline.
+    #[arg(long)]
+    no_recipe: bool,
+    /// Milliseconds per frame in the GIF.
+    #[arg(long, default_value_t = 125)]
+    delay: u32,
+    #[arg(long, default_value = "flex")]
+    device: String,
+    /// Hold linear and conv weights as f32 (default), f16 or bf16.
+    #[arg(long, default_value = "f32")]
+    weights: rewire::exec::WeightDtype,
+    /// The edited clip: OUT.gif (with OUT_000.png, … and OUT_strip.png beside it).
+    #[arg(short, long)]
+    output: PathBuf,
+}
+
+fn gif_output(out: &Path) -> Result<()> {
+    let ext = out
+        .extension()
+        .map(|e| e.to_string_lossy().to_ascii_lowercase());
+    if ext.as_deref() != Some("gif") {
+        bail!(
+            "-o {}: a clip is written as an animated GIF\n  hint: name the output *.gif (the frames go beside it as NAME_000.png, …)",
+            out.display()
+        );
+    }
+    Ok(())
+}
+
+fn video_edit(a: VideoEditArgs) -> Result<()> {
+    gif_output(&a.output)?;
+    check_run_numbers(a.guidance, 0.8, &None, 1)?;
+    let frames = rewire::video::read_frames(&a.frames, 2)?;
+    rewire::limits::at_most(2 * frames.len(), rewire::limits::MAX_BATCH, "MAX_BATCH").map_err(
+        |e| {
+            anyhow::anyhow!(
+                "{}: {} frames: the edit's batch of 2 × frames: {e}",
+                a.frames.display(),
+                frames.len()
+            )
+        },
+    )?;
+    for p in rewire::video::clip_paths(&a.output, frames.len()) {
+        rewire::weights::check_output(&p).map_err(|e| rewire::weights::write_error(&p, e))?;
+    }
+    let device = rewire::backend::device(&a.device)?;
+    let pipe = rewire::pipeline::Pipeline::open(&a.model, &device)?;
+    let src = match (&a.recipe, a.no_recipe) {
+        (_, true) => None,
+        (Some(r), false) => Some(Source::load(r)?),
+        (None, false) => Some(Source::parse(
+            rewire::video::FATEZERO,
+            Path::new("rewrites/fatezero.ron"),
+        )?),
+    };
+    let opts = rewire::video::EditOptions {
+        source_prompt: a.source_prompt.clone(),
+        prompt: a.prompt.clone(),
+        negative: a.negative.clone(),
+        steps: a.steps,
+        guidance: a.guidance,
+        weights: a.weights,
+    };
+    let bar = indicatif::ProgressBar::new(a.steps as u64).with_style(
+        indicatif::ProgressStyle::with_template("{msg:>6} {bar:40} {pos}/{len} steps")
+            .expect("a valid template"),
+    );
+    let t0 = std::time::Instant::now();
+    let out = rewire::video::edit(&pipe, &opts, src.as_ref(), &frames, |pass, i, n| {
+        bar.set_message(pass.to_string());
+        bar.set_length(n as u64);
+        bar.set_position(i as u64);
+    })?;
+    bar.finish_and_clear();
+    let paths = rewire::video::write_clip(&a.output, &out.frames, Some(&frames), a.delay)?;
+    eprintln!(
+        "wrote {} and {} more files ({} frames; stored {:.1} MB of maps) in {:.1}s",
+        a.output.display(),
+        paths.len() - 1,
+        frames.len(),
+        out.inversion.stored.bytes() as f64 / 1e6,
+        t0.elapsed().as_secs_f64()
+    );
+    Ok(())
 }
 
 #[derive(clap::Args)]
@@ -176,16 +289,7 @@ struct VideoGenerateArgs {
 }
 
 fn video_generate(a: VideoGenerateArgs) -> Result<()> {
-    let ext = a
-        .output
-        .extension()
-        .map(|e| e.to_string_lossy().to_ascii_lowercase());
-    if ext.as_deref() != Some("gif") {
-        bail!(
-            "-o {}: a clip is written as an animated GIF\n  hint: name the output *.gif (the frames go beside it as NAME_000.png, …)",
-            a.output.display()
-        );
-    }
+    gif_output(&a.output)?;
     if a.frames == 0 {
         bail!("--frames 0: a clip needs at least one frame");
     }
@@ -436,6 +540,10 @@ struct ShapeArgs {
     /// Frames per group, for ReplaceKv(source: Frames(...)).
     #[arg(long)]
     frames: Option<usize>,
+    /// For a recipe whose rewrites name passes (`pass: "invert"`): the pass to compile
+    /// (default: the last the recipe names).
+    #[arg(long)]
+    pass: Option<String>,
 }
 
 fn parse_size(s: &str) -> Result<(usize, usize)> {
@@ -661,6 +769,8 @@ fn forward(a: ForwardArgs) -> Result<()> {
             } else {
                 vec![]
             }),
+            pass: None,
+            passes: Vec::new(),
         };
         Some(compile::compile_graph(&src, &base, &opts)?)
     } else if let (Some(p), Some(plan)) = (&a.plan, &plan_file) {
@@ -732,7 +842,7 @@ fn forward(a: ForwardArgs) -> Result<()> {
         .map_err(|e| rewire::weights::write_error(&a.out, e))?;
     let mut stored: Vec<(String, Vec<usize>, Vec<f32>)> = result
         .iter()
-        .filter(|(k, _)| matches!(Key::parse(k), Key::Probs { .. }))
+        .filter(|(k, _)| Key::parse(k).store_parts().is_some())
         .map(|(k, v)| (k.clone(), v.shape.clone(), v.data.clone()))
         .collect();
     if !stored.is_empty() {
@@ -953,6 +1063,8 @@ fn run_job(a: RunArgs) -> Result<()> {
         guidance: a.guidance,
         no_hoist: a.no_hoist,
         frames: None,
+        pass: None,
+        passes: Vec::new(),
         scheduler: a.scheduler.clone(),
         seed: a.seed,
         latents: a.latents.as_deref().map(read_latents).transpose()?,
@@ -1182,6 +1294,8 @@ fn compile_for(
         words,
         frames: shape.frames,
         references: None,
+        pass: shape.pass.clone(),
+        passes: Vec::new(),
     };
     let c = compile::compile(&src, &unet, spec, &opts)?;
     Ok((unet, src, c))
@@ -1305,6 +1419,24 @@ fn explain(c: &compile::Compiled) {
                 s.freed()
             );
         }
+        // Per store: what a step and a frame (batch item) cost, and the whole.
+        let mut per: std::collections::BTreeMap<String, (usize, usize, usize)> = Default::default();
+        for s in &slots {
+            if let Some((name, rows)) = s.store() {
+                let e = per.entry(name).or_default();
+                e.0 += s.bytes_per_step;
+                e.1 += s.bytes_per_step / rows.max(1);
+                e.2 += s.bytes;
+            }
+        }
+        for (name, (step, frame, all)) in per {
+            println!(
+                "  store \"{name}\": {} per step ({} per frame and step), {} in all",
+                bytes(step),
+                bytes(frame),
+                bytes(all)
+            );
+        }
         println!("  total held: {}", bytes(total));
     }
 }
@@ -1415,6 +1547,7 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Invert(a) => invert(a),
         Cmd::Video { cmd } => match cmd {
             VideoCmd::Generate(a) => video_generate(a),
+            VideoCmd::Edit(a) => video_edit(a),
         },
         Cmd::Graph {
             model,

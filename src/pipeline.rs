@@ -12,7 +12,7 @@
 
 use crate::clip::text_encoder::{TextEncoder, TextOutput};
 use crate::clip::tokenizer::Tokenizer;
-use crate::compile::store::StoreAccumulator;
+use crate::compile::store::{StoreAccumulator, Stored};
 use crate::compile::{CompileOptions, Compiled};
 use crate::exec::{HostTensor, KernelCache, LowerOptions, Plan, State, Value};
 use crate::graph::{AttnKind, InputSpec};
@@ -118,6 +118,8 @@ pub enum PipelineError {
     Compile(#[from] crate::compile::CompileError),
     #[error(transparent)]
     Exec(#[from] crate::exec::ExecError),
+    #[error(transparent)]
+    Stored(#[from] crate::compile::store::StoredError),
     #[error(transparent)]
     Model(#[from] crate::unet::ModelError),
 }
@@ -257,6 +259,10 @@ pub struct RunOptions {
     /// Frames per group for a recipe's `ReplaceKv(source: Frames(...))`: a video job's prompts
     /// are its frames (the batch is `[uncond f0..fN-1, cond f0..fN-1]`).
     pub frames: Option<usize>,
+    /// The pass of a multi-pass job this run is (see `CompileOptions::pass`).
+    pub pass: Option<String>,
+    /// The job's passes in order (see `CompileOptions::passes`).
+    pub passes: Vec<String>,
 }
 
 impl Default for RunOptions {
@@ -279,6 +285,8 @@ impl Default for RunOptions {
             strength: 0.8,
             no_hoist: false,
             frames: None,
+            pass: None,
+            passes: Vec::new(),
         }
     }
 }
@@ -294,6 +302,9 @@ pub struct RunOutput {
     pub stores: BTreeMap<String, HostTensor>,
     /// Each prompt's tokens as text (bos and eos included), for heat-map labels.
     pub tokens: Vec<Vec<String>>,
+    /// The maps of the recipe's `reduce: Each` stores (every step's, on the device) and its
+    /// reduced stores, for a later pass to read.
+    pub stored: Stored,
 }
 
 impl Pipeline {
@@ -687,6 +698,8 @@ impl Pipeline {
             require_bound_words: true,
             frames: opts.frames,
             references: Some(vec![]),
+            pass: opts.pass.clone(),
+            passes: opts.passes.clone(),
         };
         Ok(crate::compile::compile_graph(src, &base, &copts)?)
     }
@@ -712,6 +725,18 @@ impl Pipeline {
         &self,
         opts: &RunOptions,
         compiled: Option<&Compiled>,
+        progress: impl FnMut(usize, usize),
+    ) -> Result<RunOutput, PipelineError> {
+        self.run_reading(opts, compiled, &Stored::default(), progress)
+    }
+
+    /// As [`Pipeline::run_compiled`], with the maps earlier passes stored (`read`) for the
+    /// recipe's `Stored(...)` reads.
+    pub fn run_reading(
+        &self,
+        opts: &RunOptions,
+        compiled: Option<&Compiled>,
+        read: &Stored,
         mut progress: impl FnMut(usize, usize),
     ) -> Result<RunOutput, PipelineError> {
         let spec = self.unet_spec(opts)?;
@@ -846,6 +871,11 @@ impl Pipeline {
 
         let mut stores =
             StoreAccumulator::new(compiled.map(|c| c.stores.clone()).unwrap_or_default());
+        // `reduce: Each` stores stay on the device, every step's maps by timestep.
+        let each = each_stores(compiled);
+        let mut keep = vec![crate::compile::cache::FEATURES];
+        keep.extend(each.iter().map(String::as_str));
+        let mut own = Stored::default();
         let mut latents_per_step = Vec::new();
         let mut features: HashMap<String, Value> = HashMap::new();
         for (i, &t) in timesteps.iter().enumerate() {
@@ -863,8 +893,9 @@ impl Pipeline {
             let (plan, hoisted) = plan_for(i, have);
             let mut state = hoisted.clone();
             state.extend(features.clone());
-            let (out, kept) =
-                plan.run_with_state(&inputs, state, &[crate::compile::cache::FEATURES])?;
+            read_stored(plan, t, read, &stores, &self.device, &mut state)?;
+            let (out, mut kept) = plan.run_with_state(&inputs, state, &keep)?;
+            own.record(t, &mut kept, &each);
             if !kept.is_empty() {
                 features = kept;
             }
@@ -904,6 +935,9 @@ impl Pipeline {
             .collect();
 
         let mut stores = stores.finish();
+        for (k, t) in &stores {
+            own.insert_reduced(k, t, &self.device);
+        }
         if let Some(c) = compiled {
             aggregate_cross(c, &mut stores, p);
         }
@@ -923,8 +957,56 @@ impl Pipeline {
             latents_per_step,
             stores,
             tokens,
+            stored: own,
         })
     }
+}
+
+/// The output names of a compiled recipe's `reduce: Each` stores.
+pub fn each_stores(compiled: Option<&Compiled>) -> Vec<String> {
+    compiled
+        .map(|c| {
+            c.stores
+                .iter()
+                .filter(|(_, r)| **r == crate::recipe::Reduce::Each)
+                .map(|(k, _)| k.clone())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Puts into `state` the maps a plan reads from named state at timestep `t`: an earlier pass's
+/// (`read`), else what this run's reduced stores hold so far (a read at later steps).
+pub fn read_stored(
+    plan: &Plan,
+    t: f64,
+    read: &Stored,
+    own: &StoreAccumulator,
+    device: &Device,
+    state: &mut State,
+) -> Result<(), PipelineError> {
+    for (name, shape) in plan.input_shapes() {
+        let v = match read.read(name, t, shape) {
+            None => continue,
+            Some(Ok(v)) => v,
+            Some(Err(e)) => {
+                let so_far = match crate::graph::keys::Key::parse(name) {
+                    crate::graph::keys::Key::Stored { name: n, layer } => {
+                        own.current(&crate::graph::keys::Key::store(n, layer).to_string())
+                    }
+                    _ => None,
+                };
+                let Some(h) = so_far else {
+                    return Err(e.into());
+                };
+                let mut one = Stored::default();
+                one.insert_reduced(name, &h, device);
+                one.read(name, t, shape).expect("a stored read")?
+            }
+        };
+        state.insert(name.to_string(), v);
+    }
+    Ok(())
 }
 
 /// SDXL: a recipe's words bind to the first tokenizer's tokens of the last prompt; the UNet's
@@ -1027,7 +1109,13 @@ fn aggregate_cross(c: &Compiled, stores: &mut BTreeMap<String, HostTensor>, prom
         if a.kind != AttnKind::Cross || a.place == crate::graph::Place::Mid {
             continue;
         }
-        if let Some(t) = stores.get(&crate::graph::keys::Key::Probs { layer: path }.to_string()) {
+        // The layer's maps from a store of any name (`probs.<layer>`, `stored.<name>.<layer>`).
+        let found = stores.iter().find(|(k, _)| {
+            crate::graph::keys::Key::parse(k)
+                .store_parts()
+                .is_some_and(|(_, l)| l == *path)
+        });
+        if let Some((_, t)) = found {
             by_res.entry(a.grid).or_default().push(t);
         }
     }

@@ -13,6 +13,10 @@ use std::path::{Path, PathBuf};
 /// Text2Video-Zero's built-in recipe: cross-frame attention to the first frame.
 pub const T2V_ZERO: &str = include_str!("../rewrites/t2v_zero.ron");
 
+/// FateZero's built-in recipe (`rewire video edit`): sparse-causal attention in both passes,
+/// maps stored while inverting and read while editing.
+pub const FATEZERO: &str = include_str!("../rewrites/fatezero.ron");
+
 /// A Text2Video-Zero clip to generate.
 #[derive(Debug, Clone)]
 pub struct GenerateOptions {
@@ -69,6 +73,115 @@ pub fn generate(
     Ok(pipe.run(&run, recipe, progress)?.images)
 }
 
+/// The passes of `rewire video edit`, in order: the inversion (the recipe's stores record),
+/// then the edit (its rewrites read them).
+pub const EDIT_PASSES: [&str; 2] = ["invert", "edit"];
+
+/// FateZero's edit of a clip.
+#[derive(Debug, Clone)]
+pub struct EditOptions {
+    /// The prompt describing the clip (the inversion's).
+    pub source_prompt: String,
+    /// The prompt of the edit.
+    pub prompt: String,
+    pub negative: Option<String>,
+    pub steps: usize,
+    pub guidance: f32,
+    pub weights: crate::exec::WeightDtype,
+}
+
+/// What an edit produced.
+#[derive(Debug, Clone)]
+pub struct Edited {
+    /// The inversion of the frames (with what the recipe stored).
+    pub inversion: crate::invert::Inversion,
+    /// The edit's latents after each step, `[F, C, h, w]`.
+    pub latents_per_step: Vec<HostTensor>,
+    /// The edited frames `[H, W, 3]` in [0, 1].
+    pub frames: Vec<HostTensor>,
+}
+
+/// FateZero: the frames are VAE-encoded and DDIM-inverted as one batch under the source prompt
+/// while the recipe's `pass: "invert"` rewrites apply and its stores record; then the inverted
+/// latents are denoised with classifier-free guidance under the edit prompt while its
+/// `pass: "edit"` rewrites apply and read the stored maps (named state). Rewrites without a
+/// pass apply to both. `recipe: None` is the plain per-frame edit. `progress(pass, step,
+/// total)` after each step.
+pub fn edit(
+    pipe: &Pipeline,
+    opts: &EditOptions,
+    recipe: Option<&Source>,
+    frames: &[HostTensor],
+    progress: impl FnMut(&str, usize, usize),
+) -> Result<Edited, PipelineError> {
+    let latents_0 = crate::invert::encode(pipe, &inversion_options(opts), frames)?;
+    edit_latents(pipe, opts, recipe, latents_0, progress)
+}
+
+fn inversion_options(opts: &EditOptions) -> crate::invert::InvertOptions {
+    crate::invert::InvertOptions {
+        prompt: opts.source_prompt.clone(),
+        steps: opts.steps,
+        weights: opts.weights,
+    }
+}
+
+/// As [`edit`], from the frames' latents `[F, C, h, w]` (already encoded).
+pub fn edit_latents(
+    pipe: &Pipeline,
+    opts: &EditOptions,
+    recipe: Option<&Source>,
+    latents_0: HostTensor,
+    mut progress: impl FnMut(&str, usize, usize),
+) -> Result<Edited, PipelineError> {
+    let [n, _, lh, lw] = latents_0.shape[..] else {
+        return Err(PipelineError::Latents {
+            found: latents_0.shape.clone(),
+            batch: 1,
+            channels: pipe.unet.resolved.in_channels,
+            height: 0,
+            width: 0,
+        });
+    };
+    let f = pipe.vae.downsample_factor();
+    let (h, w) = (lh * f, lw * f);
+    let passes: Vec<String> = EDIT_PASSES.iter().map(|p| p.to_string()).collect();
+    let inv = inversion_options(opts);
+    let inv_run = RunOptions {
+        frames: Some(n),
+        pass: Some(EDIT_PASSES[0].into()),
+        passes: passes.clone(),
+        ..inv.run_options(n, w, h)
+    };
+    let compiled = recipe.map(|r| pipe.compile(&inv_run, r)).transpose()?;
+    let inversion =
+        crate::invert::invert_with(pipe, &inv, latents_0, compiled.as_ref(), |i, k| {
+            progress(EDIT_PASSES[0], i, k)
+        })?;
+    let run = RunOptions {
+        prompts: vec![opts.prompt.clone(); n],
+        negative: opts.negative.clone(),
+        steps: opts.steps,
+        guidance: opts.guidance,
+        size: Some((w, h)),
+        weights: opts.weights,
+        latents: Some(inversion.latents().clone()),
+        frames: Some(n),
+        pass: Some(EDIT_PASSES[1].into()),
+        passes,
+        ..Default::default()
+    };
+    let compiled = recipe.map(|r| pipe.compile(&run, r)).transpose()?;
+    let out = pipe.run_reading(&run, compiled.as_ref(), &inversion.stored, |i, k| {
+        progress(EDIT_PASSES[1], i, k)
+    })?;
+    Ok(Edited {
+        inversion,
+        latents_per_step: out.latents_per_step,
+        frames: out.images,
+    })
+}
+
 /// Errors reading or writing frames.
 #[derive(Debug, thiserror::Error)]
 pub enum VideoError {
@@ -114,6 +227,8 @@ fn to_image(t: &HostTensor) -> image::RgbImage {
 /// least `min` frames, all of one size.
 pub fn read_frames(path: &Path, min: usize) -> Result<Vec<HostTensor>, VideoError> {
     use image::AnimationDecoder;
+    // The files of a folder, to name a bad frame.
+    let mut names: Vec<PathBuf> = Vec::new();
     let frames: Vec<HostTensor> = if path.is_dir() {
         let mut files: Vec<PathBuf> = std::fs::read_dir(path)
             .map_err(|e| {
@@ -130,6 +245,7 @@ pub fn read_frames(path: &Path, min: usize) -> Result<Vec<HostTensor>, VideoErro
             })
             .collect();
         files.sort();
+        names = files.clone();
         crate::limits::at_most(files.len(), crate::limits::MAX_BATCH, "MAX_BATCH").map_err(
             |e| {
                 frames_error(
@@ -208,7 +324,7 @@ pub fn read_frames(path: &Path, min: usize) -> Result<Vec<HostTensor>, VideoErro
         .find(|(_, f)| f.shape != frames[0].shape)
     {
         return Err(frames_error(
-            path,
+            names.get(i).map_or(path, |p| p.as_path()),
             format!(
                 "frame {i} is {}×{}, frame 0 is {}×{}",
                 f.shape[1], f.shape[0], frames[0].shape[1], frames[0].shape[0]

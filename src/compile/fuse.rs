@@ -142,7 +142,7 @@ pub(super) fn fuse_layer(
                 chain.push(cur);
                 break;
             }
-            Op::ProbsReplace { .. } => {
+            Op::ProbsReplace { .. } | Op::ProbsSet { .. } => {
                 return (Fusion::Blocked(WhyNot::Replaced { items }), None);
             }
             Op::ProbsReweight { .. } => {

@@ -21,6 +21,7 @@ pub mod plan_file;
 mod probs;
 pub mod state;
 pub mod store;
+mod stored;
 mod validate;
 
 use crate::graph::keys::Key;
@@ -64,6 +65,12 @@ pub struct CompileOptions {
     pub frames: Option<usize>,
     /// Names of the reference passes a run provides; `None`: not checked (`rewire check`).
     pub references: Option<Vec<String>>,
+    /// The pass of a multi-pass job this compile is for (rewrites of other passes are
+    /// validated but not applied); `None`: the recipe's last pass, or the only one.
+    pub pass: Option<String>,
+    /// The job's passes in order (`["invert", "edit"]` for `rewire video edit`); empty: the
+    /// passes the recipe names, in the order they first appear.
+    pub passes: Vec<String>,
 }
 
 impl CompileOptions {
@@ -240,7 +247,19 @@ pub fn compile_graph(
     // ---- validate each rewrite on its own, and find where it lands ----
     let mut landings: BTreeMap<String, Vec<Landing>> = BTreeMap::new();
     let mut weights: Vec<Option<Vec<f32>>> = vec![None; recipe.rewrites.len()];
+    let (passes, pass) = stored::passes(src, opts)?;
+    let here = |i: usize| recipe.rewrites[i].in_pass(pass.as_deref());
+    // Where each rewrite lands (layer indices), for the state check; rewrites of other passes
+    // are validated on this pass's shapes only to find their layers.
+    let mut lands: Vec<Option<Vec<usize>>> = vec![None; recipe.rewrites.len()];
     for (i, rw) in recipe.rewrites.iter().enumerate() {
+        if !here(i) {
+            let (mut w, mut u, mut c) = (weights.clone(), Vec::new(), None);
+            lands[i] = validate::rewrite(src, base, &layers, opts, i, rw, &mut w, &mut u, &mut c)
+                .ok()
+                .map(|(chosen, _)| chosen);
+            continue;
+        }
         let (chosen, items) = validate::rewrite(
             src,
             base,
@@ -252,6 +271,7 @@ pub fn compile_graph(
             &mut unbound_words,
             &mut cache,
         )?;
+        lands[i] = Some(chosen.clone());
         for j in chosen {
             landings
                 .entry(layers[j].1.clone())
@@ -263,9 +283,11 @@ pub fn compile_graph(
         }
     }
 
+    stored::check_reads(src, &layers, opts, &passes, pass.as_deref(), &lands)?;
+
     // ---- step segments ----
     let ranged: Vec<usize> = (0..recipe.rewrites.len())
-        .filter(|&i| recipe.rewrites[i].steps.is_some())
+        .filter(|&i| here(i) && recipe.rewrites[i].steps.is_some())
         .collect();
     let segments: Vec<Option<(usize, usize)>> = if ranged.is_empty() {
         vec![None]
@@ -304,11 +326,13 @@ pub fn compile_graph(
             let active: Vec<bool> = recipe
                 .rewrites
                 .iter()
-                .map(|r| {
-                    r.steps.is_none_or(|s| {
-                        let (a, b) = s.range(n);
-                        a <= w[0] && w[1] <= b
-                    })
+                .enumerate()
+                .map(|(i, r)| {
+                    !here(i)
+                        || r.steps.is_none_or(|s| {
+                            let (a, b) = s.range(n);
+                            a <= w[0] && w[1] <= b
+                        })
                 })
                 .collect();
             match segs.last_mut() {
@@ -488,8 +512,8 @@ pub fn compile_graph(
     let mut stores: BTreeMap<String, crate::recipe::Reduce> = BTreeMap::new();
     for (path, ls) in &landings {
         for l in ls {
-            if let RewriteOp::Store { reduce, .. } = &recipe.rewrites[l.rewrite].op {
-                stores.insert(Key::Probs { layer: path }.to_string(), *reduce);
+            if let RewriteOp::Store { reduce, name, .. } = &recipe.rewrites[l.rewrite].op {
+                stores.insert(Key::store(name, path).to_string(), *reduce);
             }
         }
     }
@@ -649,9 +673,9 @@ fn cache_error(
 ) -> CompileError {
     match e {
         cache::CacheError::SkippedOutput { output } => {
-            let layer = match Key::parse(&output) {
-                Key::Probs { layer } => layer,
-                _ => output.as_str(),
+            let layer = match Key::parse(&output).store_parts() {
+                Some((_, layer)) => layer,
+                None => output.as_str(),
             };
             let store = landings.get(layer).and_then(|ls| {
                 ls.iter()

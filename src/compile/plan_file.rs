@@ -446,6 +446,8 @@ fn foreign_op(
             let same = theirs.iter().any(|o| matches!(o, Op::Input { name: n, shape: s } if n == name && s == shape))
                 // A reference pass's recorded K/V input has no counterpart in the model.
                 || matches!(crate::graph::keys::Key::parse(name), crate::graph::keys::Key::Reference { .. })
+                // Nor do maps read from named state.
+                || matches!(crate::graph::keys::Key::parse(name), crate::graph::keys::Key::Stored { .. })
                 // Nor do a Cache's features.
                 || (cached && name == super::cache::FEATURES);
             (!same).then(|| format!("input `{name}` {shape:?} is not one of the model's inputs"))

@@ -5,6 +5,7 @@
 //! Try it: `rewire explain rewrites/replace_maps.ron --model models/tiny-sd --no-fuse`.
 
 use super::*;
+use crate::recipe::MapSource;
 
 /// The apply pass for one layer: the attention node becomes probabilities for the items the
 /// rewrites touch, the rewrites' nodes in order, and a mixed attention output.
@@ -91,17 +92,38 @@ pub(super) fn apply_layer(
                     );
                 }
             }
-            RewriteOp::ReplaceMaps { from, to, .. } => {
+            RewriteOp::ReplaceMaps {
+                from: MapSource::BatchItem(from),
+                to,
+                ..
+            } => {
+                let to = to.expect("validated: BatchItem sources name `to`");
                 p = patch.add(
                     path,
                     Op::ProbsReplace {
-                        from: row(from.0),
+                        from: row(*from),
                         to: row(to.0),
                     },
                     &[p],
                 );
             }
-            RewriteOp::Store { what, .. } => {
+            RewriteOp::ReplaceMaps {
+                from: MapSource::Stored(name),
+                ..
+            } => {
+                // The stored maps of this layer arrive as an input, one row per item replaced.
+                let rows: Vec<usize> = l.items.iter().map(|&i| row(i)).collect();
+                let stored = patch.add(
+                    "",
+                    Op::Input {
+                        name: Key::Stored { name, layer: path }.to_string(),
+                        shape: vec![rows.len(), heads, info.queries, keys],
+                    },
+                    &[],
+                );
+                p = patch.add(path, Op::ProbsSet { rows }, &[p, stored]);
+            }
+            RewriteOp::Store { what, name, .. } => {
                 let rows: Vec<usize> = l.items.iter().map(|&i| row(i)).collect();
                 let s = patch.add(
                     path,
@@ -114,7 +136,7 @@ pub(super) fn apply_layer(
                 patch.add(
                     "",
                     Op::Output {
-                        name: Key::Probs { layer: path }.to_string(),
+                        name: Key::store(name, path).to_string(),
                     },
                     &[s],
                 );

@@ -19,6 +19,20 @@ pub enum SlotKind {
     Reference { pass: String },
 }
 
+impl Slot {
+    /// The store a Store slot belongs to, and its rows (batch items; the frames of a clip).
+    pub fn store(&self) -> Option<(String, usize)> {
+        let key = crate::graph::keys::Key::parse(&self.name);
+        let (name, _) = key.store_parts()?;
+        let rows = if self.shape.len() == 4 {
+            self.shape[0]
+        } else {
+            1
+        };
+        Some((name.to_string(), rows))
+    }
+}
+
 /// One slot of run state.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Slot {
@@ -41,6 +55,11 @@ impl Slot {
         match self.kind {
             SlotKind::CacheFeatures { .. } => {
                 "replaced at each full step, freed when the denoising loop ends"
+            }
+            SlotKind::Store {
+                reduce: crate::recipe::Reduce::Each,
+            } => {
+                "every step's maps kept on the device for the later pass that reads them at the same timestep; freed when the job ends"
             }
             SlotKind::Store { .. } => "written out with the results when the run ends",
             SlotKind::Reference { .. } => "freed when the denoising loop ends",
@@ -86,13 +105,18 @@ pub fn slots(c: &Compiled) -> Vec<Slot> {
             }
         }
         let shape = shape.unwrap_or_default();
-        let bytes = shape.iter().product::<usize>() * 4;
+        let per_step = shape.iter().product::<usize>() * 4;
+        // `reduce: Each` keeps every step's maps; the others one tensor.
+        let bytes = match (reduce, writes) {
+            (crate::recipe::Reduce::Each, Some(w)) => per_step * w,
+            _ => per_step,
+        };
         out.push(Slot {
             name: name.clone(),
             kind: SlotKind::Store { reduce: *reduce },
             shape,
             bytes,
-            bytes_per_step: bytes,
+            bytes_per_step: per_step,
             writes,
         });
     }

@@ -304,44 +304,68 @@ pub(super) fn rewrite(
             to,
             self_max_queries,
         } => {
-            for (name, item) in [("from", from), ("to", to)] {
-                if item.0 >= spec.batch {
+            let pair = match (from, to) {
+                (crate::recipe::MapSource::BatchItem(f), Some(t)) => Some((*f, t.0)),
+                (crate::recipe::MapSource::BatchItem(_), None) => {
+                    return Err(src
+                        .error(
+                            &op_path,
+                            "batch-item",
+                            "ReplaceMaps from a batch item needs `to`, the item that takes its maps",
+                            "e.g. ReplaceMaps(from: BatchItem(2), to: BatchItem(3))",
+                        )
+                        .into());
+                }
+                (crate::recipe::MapSource::Stored(_), Some(_)) => {
+                    return Err(src
+                        .error(
+                            &at(i, &[Seg::Field("op"), Seg::Field("to")]),
+                            "batch-item",
+                            "ReplaceMaps from Stored(...) replaces the maps of the rewrite's branch: `to` does not apply",
+                            "drop `to`; set branch: (Cond, Uncond or Both) to choose the items (item k of the branch takes stored row k)",
+                        )
+                        .into());
+                }
+                (crate::recipe::MapSource::Stored(_), None) => None,
+            };
+            for (name, item) in pair.iter().flat_map(|&(f, t)| [("from", f), ("to", t)]) {
+                if item >= spec.batch {
                     return Err(src
                         .error(
                             &at(i, &[Seg::Field("op"), Seg::Field(name)]),
                             "batch-item",
                             format!(
                                 "BatchItem({}) is outside the batch of {}",
-                                item.0, spec.batch
+                                item, spec.batch
                             ),
                             {
                                 // With guidance the batch is [uncond × P, cond × P].
-                                let need = (item.0 + 1).next_multiple_of(2);
+                                let need = (item + 1).next_multiple_of(2);
                                 format!(
                                     "batch items run 0..{} in diffusers order [uncond..., cond...]; BatchItem({}) needs a batch of at least {need}: give {} prompts (--prompt, repeated) or --batch {need}",
                                     spec.batch,
-                                    item.0,
+                                    item,
                                     need / 2
                                 )
                             },
                         )
                         .into());
                 }
-                if !branch_items.contains(&item.0) {
+                if !branch_items.contains(&item) {
                     return Err(src
                         .error(
                             &at(i, &[Seg::Field("op"), Seg::Field(name)]),
                             "batch-item",
                             format!(
                                 "BatchItem({}) is not in the {:?} branch (items {:?})",
-                                item.0, branch, branch_items
+                                item, branch, branch_items
                             ),
                             "set branch: Both to reach any item, or pick an item of the branch",
                         )
                         .into());
                 }
             }
-            if from == to {
+            if pair.is_some_and(|(f, t)| f == t) {
                 return Err(src
                     .error(
                         &op_path,
@@ -381,7 +405,10 @@ pub(super) fn rewrite(
                     )
                     .into());
             }
-            items = vec![from.0, to.0];
+            items = match pair {
+                Some((f, t)) => vec![f, t],
+                None => branch_items.clone(),
+            };
         }
         RewriteOp::ReplaceKv { source, frames, .. } => {
             if let Some(&j) = chosen

@@ -578,6 +578,9 @@ pub enum Kernel {
         rows: Vec<usize>,
         head_mean: bool,
     },
+    ProbsSet {
+        rows: Vec<usize>,
+    },
     AttnMix {
         heads: usize,
         items: Vec<usize>,
@@ -784,6 +787,7 @@ impl Kernel {
                 from: *from,
                 to: *to,
             },
+            Op::ProbsSet { rows } => Kernel::ProbsSet { rows: rows.clone() },
             Op::ProbsStore { rows, head_mean } => Kernel::ProbsStore {
                 rows: rows.clone(),
                 head_mean: *head_mean,
@@ -991,6 +995,17 @@ impl Kernel {
                 let idx: Vec<usize> = (0..n).map(|r| if r == *to { *from } else { r }).collect();
                 let dev = p.device();
                 Value::R4(pick4(p, &idx, &dev))
+            }
+            Kernel::ProbsSet { rows } => {
+                // Rows of [p; stored] picked: row r is stored row k where rows[k] = r.
+                let p = arg(0).r4();
+                let s = arg(1).r4();
+                let n = p.dims()[0];
+                let idx: Vec<usize> = (0..n)
+                    .map(|r| rows.iter().position(|&x| x == r).map_or(r, |k| n + k))
+                    .collect();
+                let dev = p.device();
+                Value::R4(pick4(Tensor::cat(vec![p, s], 0), &idx, &dev))
             }
             Kernel::ProbsStore { rows, head_mean } => {
                 let p = arg(0).r4();

@@ -470,6 +470,13 @@ impl Plan {
             .collect())
     }
 
+    /// The plan's inputs: name and shape.
+    pub fn input_shapes(&self) -> impl Iterator<Item = (&str, &[usize])> {
+        self.inputs
+            .iter()
+            .map(|(n, _, s)| (n.as_str(), s.as_slice()))
+    }
+
     /// Runs the plan on host tensors plus tensors already on the device (state kept from an
     /// earlier run, e.g. a Cache's features); the outputs named in `keep` stay on the device,
     /// the others come back to the host.

@@ -16,6 +16,10 @@ pub enum Key<'a> {
     Probs { layer: &'a str },
     /// The K/V input of one layer recorded by a reference pass: `ref.<pass>.<layer>`.
     Reference { pass: &'a str, layer: &'a str },
+    /// A named Store's maps of one layer (`stored.<name>.<layer>`): the output of a
+    /// `Store(name: ...)` other than the default `"probs"`, and the input of a rewrite reading
+    /// `Stored(name)`.
+    Stored { name: &'a str, layer: &'a str },
     /// A Cache's features, kept from a full step to the cached ones: `cache.features`.
     CacheFeatures,
     /// A value hoisted out of the denoising loop: `hoist.<n>`.
@@ -30,7 +34,35 @@ pub enum Key<'a> {
 /// Where a layer path starts inside `ref.<pass>.<layer>` (diffusers' top-level block names).
 const BLOCKS: [&str; 3] = ["down_blocks.", "mid_block.", "up_blocks."];
 
+/// `<name>.<layer>` split where the layer starts (the first `.down_blocks.`/`.mid_block.`/
+/// `.up_blocks.` part).
+fn split_layer(rest: &str) -> Option<(&str, &str)> {
+    let at = BLOCKS
+        .iter()
+        .filter_map(|b| rest.find(&format!(".{b}")))
+        .min()?;
+    Some((&rest[..at], &rest[at + 1..]))
+}
+
 impl<'a> Key<'a> {
+    /// A Store's output: `probs.<layer>` for the default name, `stored.<name>.<layer>` else.
+    pub fn store(name: &'a str, layer: &'a str) -> Key<'a> {
+        if name == "probs" {
+            Key::Probs { layer }
+        } else {
+            Key::Stored { name, layer }
+        }
+    }
+
+    /// The store name and layer of a Store's output, if `self` is one.
+    pub fn store_parts(&self) -> Option<(&'a str, &'a str)> {
+        match *self {
+            Key::Probs { layer } => Some(("probs", layer)),
+            Key::Stored { name, layer } => Some((name, layer)),
+            _ => None,
+        }
+    }
+
     /// Reads a name back.
     pub fn parse(name: &'a str) -> Key<'a> {
         if name == "out" {
@@ -42,18 +74,11 @@ impl<'a> Key<'a> {
         if let Some(layer) = name.strip_prefix("probs.") {
             return Key::Probs { layer };
         }
-        if let Some(rest) = name.strip_prefix("ref.") {
-            // The layer is the first `.down_blocks.`/`.mid_block.`/`.up_blocks.` part.
-            let at = BLOCKS
-                .iter()
-                .filter_map(|b| rest.find(&format!(".{b}")))
-                .min();
-            if let Some(at) = at {
-                return Key::Reference {
-                    pass: &rest[..at],
-                    layer: &rest[at + 1..],
-                };
-            }
+        if let Some((pass, layer)) = name.strip_prefix("ref.").and_then(split_layer) {
+            return Key::Reference { pass, layer };
+        }
+        if let Some((name, layer)) = name.strip_prefix("stored.").and_then(split_layer) {
+            return Key::Stored { name, layer };
         }
         if let Some(n) = name.strip_prefix("hoist.").and_then(|n| n.parse().ok()) {
             return Key::Hoisted(n);
@@ -77,6 +102,7 @@ impl fmt::Display for Key<'_> {
             Key::Out => write!(f, "out"),
             Key::Probs { layer } => write!(f, "probs.{layer}"),
             Key::Reference { pass, layer } => write!(f, "ref.{pass}.{layer}"),
+            Key::Stored { name, layer } => write!(f, "stored.{name}.{layer}"),
             Key::CacheFeatures => write!(f, "cache.features"),
             Key::Hoisted(n) => write!(f, "hoist.{n}"),
             Key::AggregateCross { res, prompt: 0 } => write!(f, "aggregate_cross_res{res}"),
@@ -104,6 +130,7 @@ mod tests {
                 pass: "style.v2",
                 layer: "mid_block.attentions.0.transformer_blocks.0.attn1",
             },
+            Key::Stored { name: "inv", layer },
             Key::CacheFeatures,
             Key::Hoisted(12),
             Key::AggregateCross { res: 8, prompt: 0 },

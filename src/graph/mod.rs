@@ -346,6 +346,11 @@ pub enum Op {
         from: usize,
         to: usize,
     },
+    /// Rows `rows` of the probabilities (input 0) take the rows of input 1 in order (maps read
+    /// from named state).
+    ProbsSet {
+        rows: Vec<usize>,
+    },
     /// Some rows of the probabilities (the row axis dropped when one row), optionally averaged
     /// over heads: what a Store records.
     ProbsStore {
@@ -408,6 +413,7 @@ impl Op {
             Op::ProbsReweight { .. } => "probs_reweight",
             Op::ProbsReplace { .. } => "probs_replace",
             Op::ProbsStore { .. } => "probs_store",
+            Op::ProbsSet { .. } => "probs_set",
             Op::AttnMix { .. } => "attn_mix",
             Op::KvGather { .. } => "kv_gather",
             Op::TomeMatch { .. } => "tome_match",
@@ -424,6 +430,7 @@ impl Op {
             | Op::Add { .. }
             | Op::Concat { .. }
             | Op::AttnProbs { .. }
+            | Op::ProbsSet { .. }
             | Op::TomeMerge
             | Op::TomeUnmerge => 2,
             Op::Attention(_) => 3,
@@ -840,6 +847,21 @@ impl Op {
                 want(
                     p.len() == 4 && *from < p[0] && *to < p[0],
                     format!("rows {from} → {to} outside probabilities {p:?}"),
+                )?;
+                Ok(p.to_vec())
+            }
+            Op::ProbsSet { rows } => {
+                let (p, s) = (inputs[0], inputs[1]);
+                want(
+                    p.len() == 4
+                        && s.len() == 4
+                        && s[0] == rows.len()
+                        && s[1..] == p[1..]
+                        && rows.iter().all(|&r| r < p[0]),
+                    format!(
+                        "maps {s:?} do not fit rows {rows:?} of probabilities {p:?} (need [{}, heads, queries, keys] alike)",
+                        rows.len()
+                    ),
                 )?;
                 Ok(p.to_vec())
             }

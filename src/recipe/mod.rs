@@ -61,28 +61,29 @@ pub struct Rewrite {
     #[serde(default)]
     pub steps: Option<Steps>,
     /// The CFG half, written `branch: Both`; unset means the op's default ([`Rewrite::branch`]).
-    #[serde(
-        default,
-        with = "written_branch",
-        skip_serializing_if = "Option::is_none"
-    )]
+    #[serde(default, with = "written", skip_serializing_if = "Option::is_none")]
     pub branch: Option<Branch>,
+    /// The pass of a multi-pass job the rewrite belongs to, written `pass: "invert"` (`rewire
+    /// video edit` runs `"invert"` then `"edit"`); unset: every pass.
+    #[serde(default, with = "written", skip_serializing_if = "Option::is_none")]
+    pub pass: Option<String>,
     pub op: RewriteOp,
     /// Explicit order among rewrites landing on one layer whose order matters (lower first).
     #[serde(default)]
     pub order: Option<i32>,
 }
 
-/// `branch: Both` in a recipe is a plain value (not `Some(Both)`); absent is `None`.
-mod written_branch {
-    use super::Branch;
+/// Optional fields written as plain values (`branch: Both`, not `Some(Both)`); absent is `None`.
+mod written {
     use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Branch>, D::Error> {
-        Branch::deserialize(d).map(Some)
+    pub fn deserialize<'de, D: Deserializer<'de>, T: Deserialize<'de>>(
+        d: D,
+    ) -> Result<Option<T>, D::Error> {
+        T::deserialize(d).map(Some)
     }
 
-    pub fn serialize<S: Serializer>(b: &Option<Branch>, s: S) -> Result<S::Ok, S::Error> {
+    pub fn serialize<S: Serializer, T: Serialize>(b: &Option<T>, s: S) -> Result<S::Ok, S::Error> {
         match b {
             Some(b) => b.serialize(s),
             None => s.serialize_none(),
@@ -103,6 +104,15 @@ impl Rewrite {
             | RewriteOp::ReplaceKv { .. } => Branch::Both,
             _ => Branch::Cond,
         })
+    }
+
+    /// Whether the rewrite applies in pass `pass` (`None`: a single-pass job, where every
+    /// rewrite applies).
+    pub fn in_pass(&self, pass: Option<&str>) -> bool {
+        match (&self.pass, pass) {
+            (Some(mine), Some(p)) => mine == p,
+            _ => true,
+        }
     }
 }
 
@@ -196,6 +206,15 @@ impl Branch {
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
 pub struct BatchItem(pub usize);
 
+/// Where replaced maps come from.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub enum MapSource {
+    /// Another item of the batch.
+    BatchItem(usize),
+    /// The maps a `Store(name: ...)` recorded (named state).
+    Stored(String),
+}
+
 /// What a store records.
 #[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
 pub enum StoreWhat {
@@ -216,6 +235,9 @@ pub enum Reduce {
     Mean,
     /// The sum over those steps.
     Sum,
+    /// Every step's maps, kept by the step's timestep: a later pass reads, at each of its
+    /// steps, the maps stored at the same timestep (FateZero: inversion → edit).
+    Each,
 }
 
 fn default_store_name() -> String {
@@ -304,10 +326,15 @@ pub enum RewriteOp {
         #[serde(default)]
         max_queries: Option<usize>,
     },
-    /// prompt-to-prompt word swap: item `to` attends with item `from`'s probabilities.
+    /// prompt-to-prompt word swap: item `to` attends with item `from`'s probabilities; or, with
+    /// `from: Stored("name")`, the branch's items attend with the maps a `Store(name: "name")`
+    /// recorded in an earlier pass (item k of the branch takes stored row k; at each step the
+    /// maps stored at the same timestep when the store is `reduce: Each`) or at earlier steps.
     ReplaceMaps {
-        from: BatchItem,
-        to: BatchItem,
+        from: MapSource,
+        /// The item replaced, for `from: BatchItem(...)`; unset for `Stored` (the branch).
+        #[serde(default, with = "written", skip_serializing_if = "Option::is_none")]
+        to: Option<BatchItem>,
         /// Also replace self-attention maps, on layers with at most this many queries.
         #[serde(default)]
         self_max_queries: Option<usize>,
