@@ -1403,6 +1403,24 @@ fn explain(c: &compile::Compiled) {
         let mut total = 0;
         for s in &slots {
             total += s.bytes;
+            if let compile::state::SlotKind::Read { store, steps } = &s.kind {
+                let at: Vec<String> = steps
+                    .iter()
+                    .map(|r| match r {
+                        Some((a, b)) => format!("{a}..{b}"),
+                        None => "every step".into(),
+                    })
+                    .collect();
+                println!(
+                    "  {} {:?}: reads store \"{store}\" at steps {} ({} per step); {}",
+                    s.name,
+                    s.shape,
+                    at.join(", "),
+                    bytes(s.bytes_per_step),
+                    s.freed()
+                );
+                continue;
+            }
             let writes = match s.writes {
                 Some(0) => "recorded once, before the first step".to_string(),
                 Some(w) => format!(
@@ -1593,10 +1611,24 @@ fn run(cli: Cli) -> Result<()> {
             no_fuse,
             json,
         } => {
-            let (_, _, c) = compile_for(&recipe, &model, &shape, !no_fuse, false)?;
+            let (_, src, c) = compile_for(&recipe, &model, &shape, !no_fuse, false)?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&explain_json(&c))?);
             } else {
+                // A recipe with passes: which one this is.
+                let mut passes: Vec<&str> = Vec::new();
+                for p in src.recipe.rewrites.iter().filter_map(|r| r.pass.as_deref()) {
+                    if !passes.contains(&p) {
+                        passes.push(p);
+                    }
+                }
+                if let Some(last) = passes.last() {
+                    println!(
+                        "pass \"{}\" of {} (--pass NAME for another)",
+                        shape.pass.as_deref().unwrap_or(last),
+                        passes.join(" → ")
+                    );
+                }
                 explain(&c);
             }
             Ok(())

@@ -432,3 +432,54 @@ fn video_edit_cli() {
     assert!(!ok && err.contains("b.png"), "{err}");
     assert!(!dir.path().join("x.gif").exists());
 }
+
+/// `rewire explain` prints the inversion store's size ahead of time: per step, per frame and
+/// step, in all; and the edit pass's reads.
+#[test]
+fn explain_prints_the_store_sizes() {
+    let model = shapes_sd();
+    let m = model.to_str().unwrap();
+    let args = |pass: &'static str, batch: &'static str| {
+        vec![
+            "explain", "rewrites/fatezero.ron", "--model", m, "--frames", "4", "--batch", batch,
+            "--steps", "20", "--pass", pass,
+        ]
+    };
+    // 4 frames × 8 heads, f32: the 7 cross-attention layers (queries 256, 64, 16, 64, 64, 256,
+    // 256; 77 keys) and the 4 self-attention layers of ≤ 64 queries (2 × queries keys:
+    // sparse-causal reads two frames).
+    let cross: usize = [256, 64, 16, 64, 64, 256, 256].iter().map(|q| 4 * 8 * q * 77 * 4).sum();
+    let selfs: usize = [64, 64, 64, 16].iter().map(|q| 4 * 8 * q * (2 * q) * 4).sum();
+    let per_step = cross + selfs;
+    let mut a = args("invert", "4");
+    a.push("--json");
+    let (ok, out, err) = rewire(&a);
+    assert!(ok, "{err}");
+    let j: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let slots = j["state"].as_array().unwrap();
+    let stores: Vec<_> = slots.iter().filter(|s| s["kind"].get("Store").is_some()).collect();
+    assert_eq!(stores.len(), 11);
+    let step: usize = stores.iter().map(|s| s["bytes_per_step"].as_u64().unwrap() as usize).sum();
+    let all: usize = stores.iter().map(|s| s["bytes"].as_u64().unwrap() as usize).sum();
+    assert_eq!(step, per_step);
+    assert_eq!(all, 20 * per_step, "every step's maps are kept");
+    let (ok, out, err) = rewire(&args("invert", "4"));
+    assert!(ok, "{err}");
+    let mib = |b: usize| format!("{:.1} MiB", b as f64 / (1u64 << 20) as f64);
+    let line = format!(
+        "store \"inv\": {} per step ({} per frame and step), {} in all",
+        mib(per_step),
+        mib(per_step / 4),
+        mib(20 * per_step)
+    );
+    assert!(out.contains(&line), "{line} not in:\n{out}");
+    assert!(out.contains("freed when the job ends"), "{out}");
+    // The edit pass reads them.
+    let (ok, out, err) = rewire(&args("edit", "8"));
+    assert!(ok, "{err}");
+    assert!(out.contains("pass \"edit\" of invert → edit"), "{out}");
+    assert!(
+        out.contains("stored.inv.mid_block.attentions.0.transformer_blocks.0.attn1 [4, 8, 16, 32]: reads store \"inv\" at steps 0..10"),
+        "{out}"
+    );
+}

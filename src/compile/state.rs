@@ -17,11 +17,17 @@ pub enum SlotKind {
     Store { reduce: crate::recipe::Reduce },
     /// A reference pass's K/V input of one layer: recorded before the first step.
     Reference { pass: String },
+    /// Maps of a named store read at each step of the segments listed (held by the pass or
+    /// the steps that stored them, not by this one).
+    Read { store: String, steps: Vec<Option<(usize, usize)>> },
 }
 
 impl Slot {
     /// The store a Store slot belongs to, and its rows (batch items; the frames of a clip).
     pub fn store(&self) -> Option<(String, usize)> {
+        if !matches!(self.kind, SlotKind::Store { .. }) {
+            return None;
+        }
         let key = crate::graph::keys::Key::parse(&self.name);
         let (name, _) = key.store_parts()?;
         let rows = if self.shape.len() == 4 {
@@ -63,6 +69,7 @@ impl Slot {
             }
             SlotKind::Store { .. } => "written out with the results when the run ends",
             SlotKind::Reference { .. } => "freed when the denoising loop ends",
+            SlotKind::Read { .. } => "held by the pass or steps that stored it",
         }
     }
 }
@@ -120,6 +127,37 @@ pub fn slots(c: &Compiled) -> Vec<Slot> {
             writes,
         });
     }
+    // Reads of named state, one slot per input, with the segments that read it.
+    let mut reads: Vec<Slot> = Vec::new();
+    for seg in &c.segments {
+        for (name, i) in seg.graph.inputs() {
+            let crate::graph::keys::Key::Stored { name: store, .. } =
+                crate::graph::keys::Key::parse(&name)
+            else {
+                continue;
+            };
+            let store = store.to_string();
+            let shape = seg.graph.g[i].shape.clone();
+            match reads.iter_mut().find(|r| r.name == name) {
+                Some(Slot {
+                    kind: SlotKind::Read { steps, .. },
+                    ..
+                }) => steps.push(seg.steps),
+                _ => reads.push(Slot {
+                    bytes_per_step: shape.iter().product::<usize>() * 4,
+                    name,
+                    kind: SlotKind::Read {
+                        store,
+                        steps: vec![seg.steps],
+                    },
+                    shape,
+                    bytes: 0,
+                    writes: None,
+                }),
+            }
+        }
+    }
+    out.extend(reads);
     for r in &c.records {
         let shape = c
             .segments
