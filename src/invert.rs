@@ -204,6 +204,7 @@ pub fn invert_with(
             .collect::<Result<_, crate::exec::ExecError>>()?,
     };
     let each = crate::pipeline::each_stores(compiled);
+    let spill = compiled.map(|c| c.spill.clone()).unwrap_or_default();
     let keep: Vec<&str> = each.iter().map(String::as_str).collect();
     let mut reduced = StoreAccumulator::new(compiled.map(|c| c.stores.clone()).unwrap_or_default());
     let mut stored = Stored::default();
@@ -226,7 +227,7 @@ pub fn invert_with(
             &mut state,
         )?;
         let (out, mut kept) = plan.run_with_state(&inputs, state, &keep)?;
-        stored.record(t, &mut kept, &each);
+        stored.record(t, &mut kept, &each, &spill)?;
         reduced.add(&out);
         x = sched.step(&out["out"].data, t, &x);
         per_step.push(HostTensor::new(vec![n, c, lh, lw], x.clone()));

@@ -873,6 +873,7 @@ impl Pipeline {
             StoreAccumulator::new(compiled.map(|c| c.stores.clone()).unwrap_or_default());
         // `reduce: Each` stores stay on the device, every step's maps by timestep.
         let each = each_stores(compiled);
+        let spill = compiled.map(|c| c.spill.clone()).unwrap_or_default();
         let mut keep = vec![crate::compile::cache::FEATURES];
         keep.extend(each.iter().map(String::as_str));
         let mut own = Stored::default();
@@ -895,7 +896,7 @@ impl Pipeline {
             state.extend(features.clone());
             read_stored(plan, t, read, &stores, &self.device, &mut state)?;
             let (out, mut kept) = plan.run_with_state(&inputs, state, &keep)?;
-            own.record(t, &mut kept, &each);
+            own.record(t, &mut kept, &each, &spill)?;
             if !kept.is_empty() {
                 features = kept;
             }
@@ -986,7 +987,7 @@ pub fn read_stored(
     state: &mut State,
 ) -> Result<(), PipelineError> {
     for (name, shape) in plan.input_shapes() {
-        let v = match read.read(name, t, shape) {
+        let v = match read.read(name, t, shape, device) {
             None => continue,
             Some(Ok(v)) => v,
             Some(Err(e)) => {
@@ -1001,7 +1002,7 @@ pub fn read_stored(
                 };
                 let mut one = Stored::default();
                 one.insert_reduced(name, &h, device);
-                one.read(name, t, shape).expect("a stored read")?
+                one.read(name, t, shape, device).expect("a stored read")?
             }
         };
         state.insert(name.to_string(), v);

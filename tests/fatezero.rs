@@ -154,7 +154,7 @@ fn fatezero_edit_matches_diffusers() {
         let v = out
             .inversion
             .stored
-            .read(&input, 951.0, &[4, 8, 16, keys])
+            .read(&input, 951.0, &[4, 8, 16, keys], &device())
             .expect("a stored read")
             .unwrap()
             .to_host();
@@ -482,4 +482,45 @@ fn explain_prints_the_store_sizes() {
         out.contains("stored.inv.mid_block.attentions.0.transformer_blocks.0.attn1 [4, 8, 16, 32]: reads store \"inv\" at steps 0..10"),
         "{out}"
     );
+}
+
+/// `Store(on: Disk)` spills every step's maps to a file and reads them back: the same edit, with
+/// nothing held in memory.
+#[test]
+fn disk_stores_give_the_same_edit() {
+    let pipe = Pipeline::open(&shapes_sd(), &device()).unwrap();
+    let latents = expected(&case(), "latents_0");
+    // Two frames, four steps: enough for every rule of the recipe to act.
+    let two = HostTensor::new(
+        vec![2, 4, 16, 16],
+        latents.data[..2 * 4 * 16 * 16].to_vec(),
+    );
+    let opts = rewire::video::EditOptions {
+        steps: 4,
+        ..options()
+    };
+    let text = std::fs::read_to_string(root().join("rewrites/fatezero.ron")).unwrap();
+    let disk_text = text.replace("reduce: Each)", "reduce: Each, on: Disk)");
+    assert_ne!(text, disk_text);
+    let device_src = Source::parse(&text, std::path::Path::new("f.ron")).unwrap();
+    let disk_src = Source::parse(&disk_text, std::path::Path::new("d.ron")).unwrap();
+    let a = rewire::video::edit_latents(&pipe, &opts, Some(&device_src), two.clone(), |_, _, _| {})
+        .unwrap();
+    let b = rewire::video::edit_latents(&pipe, &opts, Some(&disk_src), two, |_, _, _| {}).unwrap();
+    assert!(a.inversion.stored.bytes() > 0 && a.inversion.stored.spilled_bytes() == 0);
+    assert_eq!(b.inversion.stored.bytes(), 0, "nothing held in memory");
+    assert_eq!(
+        b.inversion.stored.spilled_bytes() as usize,
+        a.inversion.stored.bytes(),
+        "every step's maps spilled"
+    );
+    assert_eq!(a.latents_per_step, b.latents_per_step);
+
+    // on: Disk needs reduce: Each.
+    let bad = text.replace("reduce: Each)", "reduce: Mean, on: Disk)");
+    let src = Source::parse(&bad, std::path::Path::new("bad.ron")).unwrap();
+    let e = rewire::video::edit_latents(&pipe, &opts, Some(&src), latents, |_, _, _| {})
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("bad.ron:") && e.contains("on: Disk spills"), "{e}");
 }

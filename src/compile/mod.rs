@@ -145,6 +145,8 @@ pub struct Compiled {
     pub records: Vec<Record>,
     /// Store outputs (`probs.<layer>`) and how each combines the steps of a run.
     pub stores: BTreeMap<String, crate::recipe::Reduce>,
+    /// The store outputs kept on disk between passes (`Store(on: Disk)`).
+    pub spill: BTreeSet<String>,
     /// A recipe's `Cache` (DeepCache), resolved on the graph.
     pub cache: Option<cache::CacheSpec>,
 }
@@ -510,10 +512,17 @@ pub fn compile_graph(
     let mut out = Vec::new();
     let mut records: Vec<Record> = Vec::new();
     let mut stores: BTreeMap<String, crate::recipe::Reduce> = BTreeMap::new();
+    let mut spill: BTreeSet<String> = BTreeSet::new();
     for (path, ls) in &landings {
         for l in ls {
-            if let RewriteOp::Store { reduce, name, .. } = &recipe.rewrites[l.rewrite].op {
+            if let RewriteOp::Store {
+                reduce, name, on, ..
+            } = &recipe.rewrites[l.rewrite].op
+            {
                 stores.insert(Key::store(name, path).to_string(), *reduce);
+                if *on == crate::recipe::StoreOn::Disk {
+                    spill.insert(Key::store(name, path).to_string());
+                }
             }
         }
     }
@@ -659,6 +668,7 @@ pub fn compile_graph(
         unbound_words,
         records,
         stores,
+        spill,
         cache,
     })
 }

@@ -112,6 +112,8 @@ pub struct PlanFile {
     records: Vec<super::Record>,
     #[serde(default)]
     stores: std::collections::BTreeMap<String, crate::recipe::Reduce>,
+    #[serde(default, skip_serializing_if = "std::collections::BTreeSet::is_empty")]
+    spill: std::collections::BTreeSet<String>,
     segments: Vec<SegmentFile>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     cache: Option<super::cache::CacheSpec>,
@@ -153,6 +155,7 @@ impl PlanFile {
             prompt: None,
             records: c.records.clone(),
             stores: c.stores.clone(),
+            spill: c.spill.clone(),
             segments: c
                 .segments
                 .iter()
@@ -362,6 +365,7 @@ impl PlanFile {
             unbound_words: vec![],
             records: self.records.clone(),
             stores: self.stores.clone(),
+            spill: self.spill.clone(),
             cache: self.cache.clone(),
         })
     }

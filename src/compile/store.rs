@@ -78,6 +78,38 @@ impl StoreAccumulator {
 #[derive(Clone, Default)]
 pub struct Stored {
     maps: BTreeMap<(String, String), Kept>,
+    /// The file `on: Disk` stores spill to (anonymous: deleted when the last clone is dropped).
+    spill: Option<std::sync::Arc<std::sync::Mutex<Spill>>>,
+}
+
+struct Spill {
+    file: std::fs::File,
+    len: u64,
+}
+
+impl Spill {
+    fn write(&mut self, t: &HostTensor) -> std::io::Result<u64> {
+        use std::io::{Seek, SeekFrom, Write};
+        let at = self.len;
+        self.file.seek(SeekFrom::Start(at))?;
+        let bytes: Vec<u8> = t.data.iter().flat_map(|v| v.to_le_bytes()).collect();
+        self.file.write_all(&bytes)?;
+        self.len += bytes.len() as u64;
+        Ok(at)
+    }
+
+    fn read(&mut self, at: u64, shape: &[usize]) -> std::io::Result<HostTensor> {
+        use std::io::{Read, Seek, SeekFrom};
+        let n: usize = shape.iter().product();
+        let mut bytes = vec![0u8; n * 4];
+        self.file.seek(SeekFrom::Start(at))?;
+        self.file.read_exact(&mut bytes)?;
+        let data = bytes
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect();
+        Ok(HostTensor::new(shape.to_vec(), data))
+    }
 }
 
 impl std::fmt::Debug for Stored {
@@ -94,12 +126,18 @@ impl std::fmt::Debug for Stored {
 #[derive(Clone)]
 enum Kept {
     Each(Vec<(f64, Value)>),
+    /// Every step's maps in the spill file: (timestep, byte offset, shape).
+    Disk(Vec<(f64, u64, Vec<usize>)>),
     Reduced(Box<Value>),
 }
 
 /// Reading named state that is not there.
 #[derive(Debug, thiserror::Error)]
 pub enum StoredError {
+    #[error(
+        "named state spilled to disk: {0}\n  hint: the spill file lives in the system's temporary folder (TMPDIR): it needs room for the store (`rewire explain` prints its size)"
+    )]
+    Spill(#[from] std::io::Error),
     #[error(
         "`{input}`: no pass stored \"{name}\" for layer {layer}\n  hint: run the pass that writes it first (for `rewire video edit`: the inversion)"
     )]
@@ -134,22 +172,47 @@ impl Stored {
     }
 
     /// Takes the Store outputs out of one step's kept device values: those of `reduce: Each`
-    /// stores are kept under timestep `t`.
-    pub fn record(&mut self, t: f64, kept: &mut crate::exec::State, each: &[String]) {
+    /// stores (`each`) are kept under timestep `t`, on the device or, for those in `spill`,
+    /// in the spill file.
+    pub fn record(
+        &mut self,
+        t: f64,
+        kept: &mut crate::exec::State,
+        each: &[String],
+        spill: &std::collections::BTreeSet<String>,
+    ) -> Result<(), StoredError> {
         for key in each {
             let Some(v) = kept.remove(key) else { continue };
             let Some((name, layer)) = Key::parse(key).store_parts() else {
                 continue;
             };
-            let e = self
-                .maps
-                .entry((name.to_string(), layer.to_string()))
-                .or_insert_with(|| Kept::Each(Vec::new()));
-            match e {
+            let slot = (name.to_string(), layer.to_string());
+            if spill.contains(key) {
+                let file = match &self.spill {
+                    Some(f) => f.clone(),
+                    None => {
+                        let f = std::sync::Arc::new(std::sync::Mutex::new(Spill {
+                            file: tempfile::tempfile()?,
+                            len: 0,
+                        }));
+                        self.spill = Some(f.clone());
+                        f
+                    }
+                };
+                let h = v.to_host();
+                let at = file.lock().expect("the spill file's lock").write(&h)?;
+                match self.maps.entry(slot).or_insert_with(|| Kept::Disk(Vec::new())) {
+                    Kept::Disk(list) => list.push((t, at, h.shape)),
+                    other => *other = Kept::Disk(vec![(t, at, h.shape)]),
+                }
+                continue;
+            }
+            match self.maps.entry(slot).or_insert_with(|| Kept::Each(Vec::new())) {
                 Kept::Each(list) => list.push((t, v)),
-                Kept::Reduced(_) => *e = Kept::Each(vec![(t, v)]),
+                other => *other = Kept::Each(vec![(t, v)]),
             }
         }
+        Ok(())
     }
 
     /// Keeps a reduced store's maps (output name `probs.<layer>` or `stored.<name>.<layer>`).
@@ -164,7 +227,13 @@ impl Stored {
 
     /// The value of graph input `input` (`stored.<name>.<layer>`, shape `shape`) at timestep
     /// `t`; `None` when `input` is not a stored read.
-    pub fn read(&self, input: &str, t: f64, shape: &[usize]) -> Option<Result<Value, StoredError>> {
+    pub fn read(
+        &self,
+        input: &str,
+        t: f64,
+        shape: &[usize],
+        device: &burn::tensor::Device,
+    ) -> Option<Result<Value, StoredError>> {
         let Key::Stored { name, layer } = Key::parse(input) else {
             return None;
         };
@@ -175,18 +244,30 @@ impl Stored {
                 layer: layer.into(),
             }));
         };
+        let missing = |stored: Vec<f64>| StoredError::Timestep {
+            input: input.into(),
+            name: name.into(),
+            t,
+            stored,
+        };
+        let from_disk;
         let v = match kept {
             Kept::Reduced(v) => v.as_ref(),
             Kept::Each(list) => match list.iter().find(|(s, _)| (s - t).abs() < 1e-6) {
                 Some((_, v)) => v,
-                None => {
-                    return Some(Err(StoredError::Timestep {
-                        input: input.into(),
-                        name: name.into(),
-                        t,
-                        stored: list.iter().map(|(s, _)| *s).collect(),
-                    }));
+                None => return Some(Err(missing(list.iter().map(|(s, _)| *s).collect()))),
+            },
+            Kept::Disk(list) => match list.iter().find(|(s, _, _)| (s - t).abs() < 1e-6) {
+                Some((_, at, sh)) => {
+                    let file = self.spill.as_ref().expect("a spilled store has its file");
+                    let h = match file.lock().expect("the spill file's lock").read(*at, sh) {
+                        Ok(h) => h,
+                        Err(e) => return Some(Err(e.into())),
+                    };
+                    from_disk = Value::from_host(&h, device);
+                    &from_disk
                 }
+                None => return Some(Err(missing(list.iter().map(|(s, _, _)| *s).collect()))),
             },
         };
         let found = v.dims();
@@ -209,16 +290,24 @@ impl Stored {
         }))
     }
 
-    /// Bytes held (f32), and the number of (store, layer) slots.
+    /// Bytes held in memory (f32).
     pub fn bytes(&self) -> usize {
         let one = |v: &Value| v.dims().iter().product::<usize>() * 4;
         self.maps
             .values()
             .map(|k| match k {
                 Kept::Each(list) => list.iter().map(|(_, v)| one(v)).sum(),
+                Kept::Disk(_) => 0,
                 Kept::Reduced(v) => one(v),
             })
             .sum()
+    }
+
+    /// Bytes spilled to disk.
+    pub fn spilled_bytes(&self) -> u64 {
+        self.spill
+            .as_ref()
+            .map_or(0, |f| f.lock().map_or(0, |f| f.len))
     }
 
     /// The stored (name, layer) pairs.

@@ -284,7 +284,22 @@ pub(super) fn rewrite(
             }
             weights[i] = Some(w);
         }
-        RewriteOp::Store { max_queries, .. } => {
+        RewriteOp::Store {
+            max_queries,
+            on,
+            reduce,
+            ..
+        } => {
+            if *on == crate::recipe::StoreOn::Disk && *reduce != crate::recipe::Reduce::Each {
+                return Err(src
+                    .error(
+                        &at(i, &[Seg::Field("op"), Seg::Field("on")]),
+                        "store",
+                        format!("on: Disk spills every step's maps of a `reduce: Each` store; this store reduces the steps to one tensor ({reduce:?})"),
+                        "write reduce: Each with on: Disk, or drop on: Disk",
+                    )
+                    .into());
+            }
             if let Some(m) = max_queries {
                 chosen.retain(|&j| layers[j].2.queries <= *m);
                 if chosen.is_empty() {

@@ -206,6 +206,15 @@ impl Branch {
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
 pub struct BatchItem(pub usize);
 
+/// Where a store's maps are kept between passes.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub enum StoreOn {
+    #[default]
+    Device,
+    /// A temporary file, deleted when the job ends.
+    Disk,
+}
+
 /// Where replaced maps come from.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub enum MapSource {
@@ -325,6 +334,11 @@ pub enum RewriteOp {
         reduce: Reduce,
         #[serde(default)]
         max_queries: Option<usize>,
+        /// Where a `reduce: Each` store keeps its maps between passes: on the device (default)
+        /// or spilled to a file on disk (read back step by step: memory that does not grow
+        /// with the run).
+        #[serde(default)]
+        on: StoreOn,
     },
     /// prompt-to-prompt word swap: item `to` attends with item `from`'s probabilities; or, with
     /// `from: Stored("name")`, the branch's items attend with the maps a `Store(name: "name")`
