@@ -133,6 +133,37 @@ pub fn utf8(bytes: Vec<u8>) -> Result<String, ReadError> {
     })
 }
 
+/// A `kB` field of a `/proc` status file, in bytes (Linux; `None` elsewhere).
+fn proc_kb(file: &str, field: &str) -> Option<u64> {
+    let text = std::fs::read_to_string(file).ok()?;
+    let line = text.lines().find(|l| l.starts_with(field))?;
+    let kb: u64 = line[field.len()..]
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()?;
+    Some(kb * 1024)
+}
+
+/// The memory a job may use: what the system can still give (MemAvailable), capped by
+/// `REWIRE_MAX_MEMORY_MIB` when set; `None` when neither says.
+pub fn available_memory() -> Option<u64> {
+    let cap = std::env::var("REWIRE_MAX_MEMORY_MIB")
+        .ok()
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .map(|m| m.saturating_mul(1 << 20));
+    match (proc_kb("/proc/meminfo", "MemAvailable:"), cap) {
+        (Some(a), Some(c)) => Some(a.min(c)),
+        (a, c) => a.or(c),
+    }
+}
+
+/// This process's peak resident memory so far (VmHWM), if the system says.
+pub fn peak_rss() -> Option<u64> {
+    proc_kb("/proc/self/status", "VmHWM:")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -237,13 +237,16 @@ fn video_edit(a: VideoEditArgs) -> Result<()> {
     })?;
     bar.finish_and_clear();
     let paths = rewire::video::write_clip(&a.output, &out.frames, Some(&frames), a.delay)?;
+    let mib = |b: u64| b as f64 / (1u64 << 20) as f64;
     eprintln!(
-        "wrote {} and {} more files ({} frames; stored {:.1} MB of maps) in {:.1}s",
+        "wrote {} and {} more files ({} frames) in {:.1}s; stored maps: {:.1} MiB in memory, {:.1} MiB on disk; peak RSS {}",
         a.output.display(),
         paths.len() - 1,
         frames.len(),
-        out.inversion.stored.bytes() as f64 / 1e6,
-        t0.elapsed().as_secs_f64()
+        t0.elapsed().as_secs_f64(),
+        mib(out.inversion.stored.bytes() as u64),
+        mib(out.inversion.stored.spilled_bytes()),
+        rewire::limits::peak_rss().map_or("unknown".into(), |b| format!("{:.1} MiB", mib(b)))
     );
     Ok(())
 }

@@ -37,6 +37,16 @@ pub enum PipelineError {
     #[error("no picture to invert\n  hint: give a PNG (or a folder of PNGs)")]
     NoPicture,
     #[error(
+        "{what} needs about {need_mib} MiB ({detail}), more than the {available_mib} MiB this machine has available\n  hint: {hint}"
+    )]
+    Memory {
+        what: String,
+        need_mib: u64,
+        available_mib: u64,
+        detail: String,
+        hint: String,
+    },
+    #[error(
         "picture {index} is {found:?} (H, W, channels), expected {expected:?}\n  hint: pictures inverted together must share one size, a multiple of the VAE factor"
     )]
     PictureSizes {

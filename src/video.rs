@@ -154,10 +154,6 @@ pub fn edit_latents(
         ..inv.run_options(n, w, h)
     };
     let compiled = recipe.map(|r| pipe.compile(&inv_run, r)).transpose()?;
-    let inversion =
-        crate::invert::invert_with(pipe, &inv, latents_0, compiled.as_ref(), |i, k| {
-            progress(EDIT_PASSES[0], i, k)
-        })?;
     let run = RunOptions {
         prompts: vec![opts.prompt.clone(); n],
         negative: opts.negative.clone(),
@@ -165,20 +161,126 @@ pub fn edit_latents(
         guidance: opts.guidance,
         size: Some((w, h)),
         weights: opts.weights,
-        latents: Some(inversion.latents().clone()),
+        latents: Some(latents_0.clone()),
         frames: Some(n),
         pass: Some(EDIT_PASSES[1].into()),
         passes,
         ..Default::default()
     };
-    let compiled = recipe.map(|r| pipe.compile(&run, r)).transpose()?;
-    let out = pipe.run_reading(&run, compiled.as_ref(), &inversion.stored, |i, k| {
+    let edit_compiled = recipe.map(|r| pipe.compile(&run, r)).transpose()?;
+    // What the job will hold, before anything is allocated.
+    let need = edit_memory(
+        pipe,
+        &inv_run,
+        compiled.as_ref(),
+        &run,
+        edit_compiled.as_ref(),
+    )?;
+    if let Some(avail) = crate::limits::available_memory()
+        && need.total() > avail
+    {
+        let mib = |b: u64| b >> 20;
+        return Err(PipelineError::Memory {
+            what: format!("editing {n} frames"),
+            need_mib: mib(need.total()),
+            available_mib: mib(avail),
+            detail: format!(
+                "activations {} MiB, weights {} MiB, stores kept in memory {} MiB",
+                mib(need.activations),
+                mib(need.weights),
+                mib(need.stores)
+            ),
+            hint: if need.stores > 0 {
+                "spill the recipe's stores to disk (Store(..., reduce: Each, on: Disk)), or edit fewer frames at a time".into()
+            } else {
+                "edit fewer frames at a time".into()
+            },
+        });
+    }
+    let inversion =
+        crate::invert::invert_with(pipe, &inv, latents_0, compiled.as_ref(), |i, k| {
+            progress(EDIT_PASSES[0], i, k)
+        })?;
+    let run = RunOptions {
+        latents: Some(inversion.latents().clone()),
+        ..run
+    };
+    let out = pipe.run_reading(&run, edit_compiled.as_ref(), &inversion.stored, |i, k| {
         progress(EDIT_PASSES[1], i, k)
     })?;
     Ok(Edited {
         inversion,
         latents_per_step: out.latents_per_step,
         frames: out.images,
+    })
+}
+
+/// The memory an edit holds at most, estimated before it allocates (f32).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EditMemory {
+    /// The most bytes of UNet values alive at once, over both passes' graphs.
+    pub activations: u64,
+    /// The UNet's weights.
+    pub weights: u64,
+    /// The recipe's `reduce: Each` stores kept in memory (every step's maps).
+    pub stores: u64,
+    /// Those spilled to disk (`on: Disk`).
+    pub stores_on_disk: u64,
+}
+
+impl EditMemory {
+    /// What the job holds in memory.
+    pub fn total(&self) -> u64 {
+        self.activations + self.weights + self.stores
+    }
+}
+
+/// Estimates an edit's memory from the compiled passes (`None`: plain UNet graphs).
+pub fn edit_memory(
+    pipe: &Pipeline,
+    inv_run: &RunOptions,
+    inv: Option<&crate::compile::Compiled>,
+    run: &RunOptions,
+    edit: Option<&crate::compile::Compiled>,
+) -> Result<EditMemory, PipelineError> {
+    let mut activations = 0usize;
+    for (opts, c) in [(inv_run, inv), (run, edit)] {
+        let graphs: Vec<crate::graph::Graph> = match c {
+            Some(c) => c.segments.iter().map(|s| s.graph.clone()).collect(),
+            None => vec![pipe.unet.graph(pipe.unet_spec(opts)?)?],
+        };
+        for g in &graphs {
+            activations = activations.max(crate::exec::activation_bytes(g)?);
+        }
+    }
+    let (mut stores, mut stores_on_disk) = (0u64, 0u64);
+    if let Some(c) = inv {
+        for s in crate::compile::state::slots(c) {
+            if s.kind
+                == (crate::compile::state::SlotKind::Store {
+                    reduce: crate::recipe::Reduce::Each,
+                })
+            {
+                if c.spill.contains(&s.name) {
+                    stores_on_disk += s.bytes as u64;
+                } else {
+                    stores += s.bytes as u64;
+                }
+            }
+        }
+    }
+    Ok(EditMemory {
+        activations: activations as u64,
+        // Held as f32 on the device (the CPU backend's weights, the host copies).
+        weights: pipe
+            .unet
+            .weights
+            .names()
+            .filter_map(|n| pipe.unet.weights.shape(n))
+            .map(|s| s.iter().product::<usize>() as u64 * 4)
+            .sum(),
+        stores,
+        stores_on_disk,
     })
 }
 

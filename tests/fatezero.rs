@@ -431,6 +431,34 @@ fn video_edit_cli() {
     ]);
     assert!(!ok && err.contains("b.png"), "{err}");
     assert!(!dir.path().join("x.gif").exists());
+
+    // More frames than memory allows: refused before anything is allocated, with the way out.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_rewire"))
+        .args([
+            "video",
+            "edit",
+            model.to_str().unwrap(),
+            input.to_str().unwrap(),
+            "--source-prompt",
+            "a",
+            "--prompt",
+            "b",
+            "-o",
+            dir.path().join("x.gif").to_str().unwrap(),
+        ])
+        .env("REWIRE_MAX_MEMORY_MIB", "64")
+        .current_dir(root())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && !err.contains("panicked"), "{err}");
+    assert!(
+        err.contains("editing 4 frames needs about")
+            && err.contains("stores kept in memory")
+            && err.contains("on: Disk"),
+        "{err}"
+    );
+    assert!(!dir.path().join("x.gif").exists());
 }
 
 /// `rewire explain` prints the inversion store's size ahead of time: per step, per frame and
@@ -441,15 +469,31 @@ fn explain_prints_the_store_sizes() {
     let m = model.to_str().unwrap();
     let args = |pass: &'static str, batch: &'static str| {
         vec![
-            "explain", "rewrites/fatezero.ron", "--model", m, "--frames", "4", "--batch", batch,
-            "--steps", "20", "--pass", pass,
+            "explain",
+            "rewrites/fatezero.ron",
+            "--model",
+            m,
+            "--frames",
+            "4",
+            "--batch",
+            batch,
+            "--steps",
+            "20",
+            "--pass",
+            pass,
         ]
     };
     // 4 frames × 8 heads, f32: the 7 cross-attention layers (queries 256, 64, 16, 64, 64, 256,
     // 256; 77 keys) and the 4 self-attention layers of ≤ 64 queries (2 × queries keys:
     // sparse-causal reads two frames).
-    let cross: usize = [256, 64, 16, 64, 64, 256, 256].iter().map(|q| 4 * 8 * q * 77 * 4).sum();
-    let selfs: usize = [64, 64, 64, 16].iter().map(|q| 4 * 8 * q * (2 * q) * 4).sum();
+    let cross: usize = [256, 64, 16, 64, 64, 256, 256]
+        .iter()
+        .map(|q| 4 * 8 * q * 77 * 4)
+        .sum();
+    let selfs: usize = [64, 64, 64, 16]
+        .iter()
+        .map(|q| 4 * 8 * q * (2 * q) * 4)
+        .sum();
     let per_step = cross + selfs;
     let mut a = args("invert", "4");
     a.push("--json");
@@ -457,10 +501,19 @@ fn explain_prints_the_store_sizes() {
     assert!(ok, "{err}");
     let j: serde_json::Value = serde_json::from_str(&out).unwrap();
     let slots = j["state"].as_array().unwrap();
-    let stores: Vec<_> = slots.iter().filter(|s| s["kind"].get("Store").is_some()).collect();
+    let stores: Vec<_> = slots
+        .iter()
+        .filter(|s| s["kind"].get("Store").is_some())
+        .collect();
     assert_eq!(stores.len(), 11);
-    let step: usize = stores.iter().map(|s| s["bytes_per_step"].as_u64().unwrap() as usize).sum();
-    let all: usize = stores.iter().map(|s| s["bytes"].as_u64().unwrap() as usize).sum();
+    let step: usize = stores
+        .iter()
+        .map(|s| s["bytes_per_step"].as_u64().unwrap() as usize)
+        .sum();
+    let all: usize = stores
+        .iter()
+        .map(|s| s["bytes"].as_u64().unwrap() as usize)
+        .sum();
     assert_eq!(step, per_step);
     assert_eq!(all, 20 * per_step, "every step's maps are kept");
     let (ok, out, err) = rewire(&args("invert", "4"));
@@ -491,10 +544,7 @@ fn disk_stores_give_the_same_edit() {
     let pipe = Pipeline::open(&shapes_sd(), &device()).unwrap();
     let latents = expected(&case(), "latents_0");
     // Two frames, four steps: enough for every rule of the recipe to act.
-    let two = HostTensor::new(
-        vec![2, 4, 16, 16],
-        latents.data[..2 * 4 * 16 * 16].to_vec(),
-    );
+    let two = HostTensor::new(vec![2, 4, 16, 16], latents.data[..2 * 4 * 16 * 16].to_vec());
     let opts = rewire::video::EditOptions {
         steps: 4,
         ..options()
@@ -522,5 +572,8 @@ fn disk_stores_give_the_same_edit() {
     let e = rewire::video::edit_latents(&pipe, &opts, Some(&src), latents, |_, _, _| {})
         .unwrap_err()
         .to_string();
-    assert!(e.contains("bad.ron:") && e.contains("on: Disk spills"), "{e}");
+    assert!(
+        e.contains("bad.ron:") && e.contains("on: Disk spills"),
+        "{e}"
+    );
 }

@@ -19,7 +19,10 @@ pub enum SlotKind {
     Reference { pass: String },
     /// Maps of a named store read at each step of the segments listed (held by the pass or
     /// the steps that stored them, not by this one).
-    Read { store: String, steps: Vec<Option<(usize, usize)>> },
+    Read {
+        store: String,
+        steps: Vec<Option<(usize, usize)>>,
+    },
 }
 
 impl Slot {

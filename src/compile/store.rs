@@ -201,13 +201,21 @@ impl Stored {
                 };
                 let h = v.to_host();
                 let at = file.lock().expect("the spill file's lock").write(&h)?;
-                match self.maps.entry(slot).or_insert_with(|| Kept::Disk(Vec::new())) {
+                match self
+                    .maps
+                    .entry(slot)
+                    .or_insert_with(|| Kept::Disk(Vec::new()))
+                {
                     Kept::Disk(list) => list.push((t, at, h.shape)),
                     other => *other = Kept::Disk(vec![(t, at, h.shape)]),
                 }
                 continue;
             }
-            match self.maps.entry(slot).or_insert_with(|| Kept::Each(Vec::new())) {
+            match self
+                .maps
+                .entry(slot)
+                .or_insert_with(|| Kept::Each(Vec::new()))
+            {
                 Kept::Each(list) => list.push((t, v)),
                 other => *other = Kept::Each(vec![(t, v)]),
             }
