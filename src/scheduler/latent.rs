@@ -36,7 +36,7 @@ pub(crate) trait Latent: Clone {
 #[derive(Debug, Clone)]
 pub(crate) enum Held {
     Host(Vec<f32>),
-    Device(Tensor<4>),
+    Device(Box<Tensor<4>>),
 }
 
 impl Latent for Vec<f32> {
@@ -65,7 +65,7 @@ impl Latent for Vec<f32> {
     fn from_held(held: &Held, _like: &Self) -> Self {
         match held {
             Held::Host(v) => v.clone(),
-            Held::Device(t) => t
+            Held::Device(t) => (**t)
                 .clone()
                 .into_data()
                 .convert::<f32>()
@@ -92,11 +92,11 @@ impl Latent for Tensor<4> {
         self.sub(other)
     }
     fn keep(&self) -> Held {
-        Held::Device(self.clone())
+        Held::Device(Box::new(self.clone()))
     }
     fn from_held(held: &Held, like: &Self) -> Self {
         match held {
-            Held::Device(t) => t.clone(),
+            Held::Device(t) => (**t).clone(),
             Held::Host(v) => Tensor::from_data(
                 TensorData::new(v.clone(), like.dims().to_vec()),
                 &like.device(),
