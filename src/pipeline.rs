@@ -1,7 +1,9 @@
 //! The text-to-image job: tokenizer → text encoder → denoising loop with classifier-free
 //! guidance (the UNet compiled with a recipe's rewrites, switching step-segment plans by step)
 //! → VAE decode. Several prompts run as one batch, in diffusers' order
-//! `[uncond_0..uncond_P, cond_0..cond_P]`.
+//! `[uncond_0..uncond_P, cond_0..cond_P]`. The latents stay on the device through the loop
+//! (guidance and the scheduler's steps run on device tensors, the UNet's output stays there); the
+//! host gets each step's latents only when [`RunOptions::keep_latents_per_step`] asks.
 //!
 //! An SDXL pipeline (model_index.json names `text_encoder_2`/`tokenizer_2`) conditions on both
 //! encoders: each encoder's `hidden_states[-2]` concatenated on the feature axis, the second
