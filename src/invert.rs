@@ -4,6 +4,9 @@
 //! DDIM and the same prompt, reconstruct the picture; editing methods (FateZero, prompt-to-prompt
 //! on real images) start from them.
 //!
+//! The latents stay on the device from step to step (the scheduler steps device tensors); each
+//! step's come back to the host for [`Inversion::latents_per_step`], one download per step.
+//!
 //! Try it: `rewire invert models/shapes-sd --prompt "a red circle on the left" picture.png -o inv.safetensors`,
 //! then `rewire run models/shapes-sd --prompt "a red circle on the left" --guidance 1 --scheduler ddim --latents inv.safetensors -o recon.png`.
 
@@ -26,7 +29,8 @@ pub struct InvertOptions {
 pub struct Inversion {
     /// The pictures' latents `[F, C, h, w]` before the first step.
     pub latents_0: HostTensor,
-    /// The latents after each inversion step, `[F, C, h, w]` each.
+    /// The latents after each inversion step, `[F, C, h, w]` each (downloaded as each step
+    /// ends: editing passes read them).
     pub latents_per_step: Vec<HostTensor>,
     /// The inversion's timesteps, rising.
     pub timesteps: Vec<f64>,
@@ -208,7 +212,15 @@ pub fn invert_with(
     let keep: Vec<&str> = each.iter().map(String::as_str).collect();
     let mut reduced = StoreAccumulator::new(compiled.map(|c| c.stores.clone()).unwrap_or_default());
     let mut stored = Stored::default();
-    let mut x = latents_0.data.clone();
+    // The latents and the text states on the device, for every step.
+    let mut x = crate::exec::upload::<4>(&[n, c, lh, lw], latents_0.data.clone(), &pipe.device);
+    let constants: crate::exec::State = cond
+        .constants()
+        .iter()
+        .map(|(k, v)| (k.clone(), Value::from_host(v, &pipe.device)))
+        .collect();
+    let mut keep = keep;
+    keep.push(crate::pipeline::UNET_OUT);
     let mut per_step = Vec::with_capacity(timesteps.len());
     for (i, &t) in timesteps.iter().enumerate() {
         let plan = &plans
@@ -216,8 +228,8 @@ pub fn invert_with(
             .find(|(r, _)| r.is_none_or(|(a, b)| a <= i && i < b))
             .expect("segments cover every step")
             .1;
-        let inputs = cond.unet_inputs(HostTensor::new(vec![n, c, lh, lw], x.clone()), t);
-        let mut state = crate::exec::State::new();
+        let mut state = constants.clone();
+        state.insert("sample".to_string(), Value::R4(x.clone()));
         crate::pipeline::read_stored(
             plan,
             t,
@@ -226,11 +238,13 @@ pub fn invert_with(
             &pipe.device,
             &mut state,
         )?;
-        let (out, mut kept) = plan.run_with_state(&inputs, state, &keep)?;
+        let (out, mut kept) =
+            plan.run_with_state(&crate::pipeline::timestep_input(t), state, &keep)?;
+        let eps = crate::pipeline::unet_out(&mut kept)?;
         stored.record(t, &mut kept, &each, &spill)?;
         reduced.add(&out);
-        x = sched.step(&out["out"].data, t, &x);
-        per_step.push(HostTensor::new(vec![n, c, lh, lw], x.clone()));
+        x = sched.step_tensor(eps, t, x);
+        per_step.push(Value::R4(x.clone()).to_host());
         progress(i + 1, timesteps.len());
     }
     for (k, t) in &reduced.finish() {

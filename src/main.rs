@@ -1076,6 +1076,8 @@ fn run_job(a: RunArgs) -> Result<()> {
         weights: a.weights,
         init_image: a.image.as_deref().map(read_image).transpose()?,
         strength: a.strength,
+        // The CLI writes images: the latents stay on the device until the VAE.
+        keep_latents_per_step: false,
     };
     for w in pipe.truncations(&opts) {
         eprintln!("warning: {w}");

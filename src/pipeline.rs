@@ -1,7 +1,9 @@
 //! The text-to-image job: tokenizer → text encoder → denoising loop with classifier-free
 //! guidance (the UNet compiled with a recipe's rewrites, switching step-segment plans by step)
 //! → VAE decode. Several prompts run as one batch, in diffusers' order
-//! `[uncond_0..uncond_P, cond_0..cond_P]`.
+//! `[uncond_0..uncond_P, cond_0..cond_P]`. The latents stay on the device through the loop
+//! (guidance and the scheduler's steps run on device tensors, the UNet's output stays there); the
+//! host gets each step's latents only when [`RunOptions::keep_latents_per_step`] asks.
 //!
 //! An SDXL pipeline (model_index.json names `text_encoder_2`/`tokenizer_2`) conditions on both
 //! encoders: each encoder's `hidden_states[-2]` concatenated on the feature axis, the second
@@ -20,7 +22,7 @@ use crate::recipe::Source;
 use crate::scheduler::{Scheduler, SchedulerConfig};
 use crate::unet::UNet;
 use crate::vae::Vae;
-use burn::tensor::Device;
+use burn::tensor::{Device, Tensor};
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
@@ -273,6 +275,10 @@ pub struct RunOptions {
     pub pass: Option<String>,
     /// The job's passes in order (see `CompileOptions::passes`).
     pub passes: Vec<String>,
+    /// Bring the latents back to the host after every step ([`RunOutput::latents_per_step`]):
+    /// one download per step. Off, the latents stay on the device from the first step to the
+    /// VAE and only the final ones come back ([`RunOutput::latents`]). Default: on.
+    pub keep_latents_per_step: bool,
 }
 
 impl Default for RunOptions {
@@ -297,6 +303,7 @@ impl Default for RunOptions {
             frames: None,
             pass: None,
             passes: Vec::new(),
+            keep_latents_per_step: true,
         }
     }
 }
@@ -306,8 +313,11 @@ impl Default for RunOptions {
 pub struct RunOutput {
     /// One `[H, W, 3]` image in [0, 1] per prompt.
     pub images: Vec<HostTensor>,
-    /// Latents after each step, `[P, C, h, w]`.
+    /// Latents after each step, `[P, C, h, w]` (empty unless
+    /// [`RunOptions::keep_latents_per_step`]).
     pub latents_per_step: Vec<HostTensor>,
+    /// The final latents `[P, C, h, w]` (what the VAE decoded).
+    pub latents: HostTensor,
     /// Store outputs reduced over the steps (`probs.<layer>`), plus `aggregate_cross_resR`.
     pub stores: BTreeMap<String, HostTensor>,
     /// Each prompt's tokens as text (bos and eos included), for heat-map labels.
@@ -841,10 +851,13 @@ impl Pipeline {
             }
         };
 
-        // Scheduler and initial latents.
+        // Scheduler and initial latents. From here on the latents are a device tensor: the
+        // guidance, the scheduler's steps and its history run on the device; the host gets the
+        // UNet's stores, the latents when asked for each step, and the final ones.
         let (mut sched, timesteps) = self.schedule(opts)?;
         let per = channels * lh * lw;
-        let mut latents: Vec<f32> = match &opts.latents {
+        let shape = [p, channels, lh, lw];
+        let noise: Vec<f32> = match &opts.latents {
             Some(l) => {
                 let ok = l.shape.len() == 4
                     && (l.shape[0] == p || l.shape[0] == 1)
@@ -866,69 +879,88 @@ impl Pipeline {
             }
             None => gaussian(opts.seed, p * per),
         };
-        match &opts.init_image {
-            // Image to image: the image's latents noised to the first timestep that runs.
+        let noise = crate::exec::upload::<4>(&shape, noise, &self.device);
+        let mut latents: Tensor<4> = match &opts.init_image {
+            // Image to image: the image's latents (one for every prompt) noised to the first
+            // timestep that runs.
             Some(img) => {
-                let z = Value::R4(self.vae.encode(image_tensor(img, &self.device))).to_host();
-                let z: Vec<f32> = z.data.iter().copied().cycle().take(p * per).collect();
-                latents = sched.add_noise(&z, &latents, timesteps[0]);
+                let z = self.vae.encode(image_tensor(img, &self.device));
+                if z.dims() != [1, channels, lh, lw] {
+                    return Err(PipelineError::Latents {
+                        found: z.dims().to_vec(),
+                        batch: 1,
+                        channels,
+                        height: lh,
+                        width: lw,
+                    });
+                }
+                sched.add_noise_tensor(z.repeat_dim(0, p), noise, timesteps[0])
             }
-            None => {
-                let sigma = sched.init_noise_sigma();
-                latents.iter_mut().for_each(|x| *x *= sigma);
-            }
-        }
+            None => noise.mul_scalar(sched.init_noise_sigma()),
+        };
+        // The text conditioning goes to the device once, for every step.
+        let constants: State = constants
+            .iter()
+            .map(|(k, v)| (k.clone(), Value::from_host(v, &self.device)))
+            .collect();
 
         let mut stores =
             StoreAccumulator::new(compiled.map(|c| c.stores.clone()).unwrap_or_default());
         // `reduce: Each` stores stay on the device, every step's maps by timestep.
         let each = each_stores(compiled);
         let spill = compiled.map(|c| c.spill.clone()).unwrap_or_default();
-        let mut keep = vec![crate::compile::cache::FEATURES];
+        let mut keep = vec![crate::compile::cache::FEATURES, UNET_OUT];
         keep.extend(each.iter().map(String::as_str));
         let mut own = Stored::default();
         let mut latents_per_step = Vec::new();
         let mut features: HashMap<String, Value> = HashMap::new();
         for (i, &t) in timesteps.iter().enumerate() {
-            let model_in: Vec<f32> = if cfg {
-                latents.iter().chain(&latents).copied().collect()
+            // The UNet's sample: the latents scaled, twice over with guidance
+            // ([uncond, cond], both from the same latents).
+            let model_in = sched.scale_model_input_tensor(latents.clone(), t);
+            let model_in = if cfg {
+                Tensor::cat(vec![model_in.clone(), model_in], 0)
             } else {
-                latents.clone()
+                model_in
             };
-            let model_in = sched.scale_model_input(&model_in, t);
-            let inputs =
-                cond.unet_inputs(HostTensor::new(vec![batch, channels, lh, lw], model_in), t);
+            debug_assert_eq!(model_in.dims()[0], batch);
             // A Cache's features stay on the device from a full step to the next.
-            // (Device tensors are reference-counted: the clone copies no data.)
+            // (Device tensors are reference-counted: the clones copy no data.)
             let have = features.contains_key(crate::compile::cache::FEATURES);
             let (plan, hoisted) = plan_for(i, have);
-            let mut state = hoisted.clone();
+            let mut state = constants.clone();
+            state.extend(hoisted.clone());
             state.extend(features.clone());
+            state.insert("sample".to_string(), Value::R4(model_in));
             read_stored(plan, t, read, &stores, &self.device, &mut state)?;
-            let (out, mut kept) = plan.run_with_state(&inputs, state, &keep)?;
+            let (out, mut kept) = plan.run_with_state(&timestep_input(t), state, &keep)?;
+            let eps = unet_out(&mut kept)?;
             own.record(t, &mut kept, &each, &spill)?;
             if !kept.is_empty() {
                 features = kept;
             }
             stores.add(&out);
-            let eps = &out["out"].data;
-            let noise: Vec<f32> = if cfg {
-                let (u, c) = eps.split_at(p * per);
-                u.iter()
-                    .zip(c)
-                    .map(|(u, c)| u + opts.guidance * (c - u))
-                    .collect()
+            // Classifier-free guidance: u + g·(c − u).
+            let noise = if cfg {
+                let u = eps.clone().narrow(0, 0, p);
+                let c = eps.narrow(0, p, p);
+                u.clone().add(c.sub(u).mul_scalar(opts.guidance))
             } else {
-                eps.clone()
+                eps
             };
-            latents = sched.step(&noise, t, &latents);
-            latents_per_step.push(HostTensor::new(vec![p, channels, lh, lw], latents.clone()));
+            latents = sched.step_tensor(noise, t, latents);
+            if opts.keep_latents_per_step {
+                latents_per_step.push(Value::R4(latents.clone()).to_host());
+            }
             progress(i + 1, timesteps.len());
         }
+        let final_latents = match latents_per_step.last() {
+            Some(l) => l.clone(),
+            None => Value::R4(latents.clone()).to_host(),
+        };
 
         // Decode.
-        let z = crate::exec::upload::<4>(&[p, channels, lh, lw], latents, &self.device);
-        let img = Value::R4(self.vae.decode(z)).to_host();
+        let img = Value::R4(self.vae.decode(latents)).to_host();
         let (h, w) = (img.shape[2], img.shape[3]);
         let images = (0..p)
             .map(|k| {
@@ -966,10 +998,39 @@ impl Pipeline {
         Ok(RunOutput {
             images,
             latents_per_step,
+            latents: final_latents,
             stores,
             tokens,
             stored: own,
         })
+    }
+}
+
+/// The UNet plan's output: the model's prediction, kept on the device.
+pub(crate) const UNET_OUT: &str = "out";
+
+/// A step's host input: the timestep `[1]` (everything else the UNet reads is on the device).
+pub(crate) fn timestep_input(t: f64) -> HashMap<String, HostTensor> {
+    HashMap::from([(
+        "timestep".to_string(),
+        HostTensor::new(vec![1], vec![t as f32]),
+    )])
+}
+
+/// Takes the UNet's prediction `out` from the outputs a plan kept on the device.
+pub(crate) fn unet_out(kept: &mut State) -> Result<burn::tensor::Tensor<4>, PipelineError> {
+    match kept.remove(UNET_OUT) {
+        Some(Value::R4(t)) => Ok(t),
+        other => Err(PipelineError::Component {
+            component: "unet",
+            message: format!(
+                "the plan's `{UNET_OUT}` output is {}, expected the prediction [batch, channels, h, w]\n  hint: run a plan compiled from a UNet",
+                match other {
+                    None => "missing".to_string(),
+                    Some(v) => format!("{:?}", v.dims()),
+                }
+            ),
+        }),
     }
 }
 

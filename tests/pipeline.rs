@@ -212,6 +212,32 @@ fn bad_runs_are_clear_errors() {
     assert!(!out.exists());
 }
 
+/// The loop keeps its latents on the device: asked for the final latents only, a run gives the
+/// same image and final latents as one bringing every step's back (for the schedulers with a
+/// history on the device too), and downloads none per step.
+#[test]
+fn latents_stay_on_the_device_unless_asked() {
+    let pipe = Pipeline::open(&tiny_sd(), &device()).unwrap();
+    for scheduler in ["ddim", "pndm", "euler", "dpmpp2m"] {
+        let every = pipe.run(&opts(scheduler, None), None, |_, _| {}).unwrap();
+        let quiet = RunOptions {
+            keep_latents_per_step: false,
+            ..opts(scheduler, None)
+        };
+        let mut steps = 0;
+        let last = pipe.run(&quiet, None, |_, _| steps += 1).unwrap();
+        assert!(last.latents_per_step.is_empty(), "{scheduler}");
+        assert_eq!(steps, every.latents_per_step.len(), "{scheduler}");
+        assert_eq!(
+            &every.latents,
+            every.latents_per_step.last().unwrap(),
+            "{scheduler}"
+        );
+        assert_eq!(last.latents, every.latents, "{scheduler}: final latents");
+        assert_eq!(last.images, every.images, "{scheduler}: image");
+    }
+}
+
 /// Hoisting is lossless: the run constants' values (every cross-attention K/V) computed once per
 /// job give the latents and stores of computing them at every step, within 1e-6.
 #[test]

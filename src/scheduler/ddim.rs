@@ -1,10 +1,13 @@
 //! diffusers' `DDIMScheduler` with `eta = 0` (deterministic DDIM, what Stable Diffusion pipelines
-//! run): timesteps by `timestep_spacing`, then `x_prev = sqrt(ᾱ_prev)·x̂₀ + sqrt(1 - ᾱ_prev)·ε̂`.
+//! run): timesteps by `timestep_spacing`, then `x_prev = sqrt(ᾱ_prev)·x̂₀ + sqrt(1 - ᾱ_prev)·ε̂`;
+//! and its inverse, `DDIMInverseScheduler`. Both step host vectors or device tensors.
 
+use super::latent::{Latent, check_same};
 use super::{
-    Common, ConfigReader, Prediction, SchedulerConfig, SchedulerError, Spacing, check_len,
-    integral, np_arange, np_linspace,
+    Common, ConfigReader, Prediction, SchedulerConfig, SchedulerError, Spacing, integral,
+    np_arange, np_linspace,
 };
+use burn::tensor::Tensor;
 
 /// `DDIMScheduler` (eta 0, `clip_sample: false`, no thresholding).
 #[derive(Debug, Clone)]
@@ -62,6 +65,12 @@ impl Ddim {
 
     /// `add_noise`: `original` noised to timestep `t` (image-to-image's start).
     pub fn add_noise(&self, original: &[f32], noise: &[f32], t: f64) -> Vec<f32> {
+        self.common
+            .add_noise_vp(Self::CLASS, original.to_vec(), noise.to_vec(), t)
+    }
+
+    /// [`Self::add_noise`] on device tensors.
+    pub fn add_noise_tensor(&self, original: Tensor<4>, noise: Tensor<4>, t: f64) -> Tensor<4> {
         self.common.add_noise_vp(Self::CLASS, original, noise, t)
     }
 
@@ -72,12 +81,21 @@ impl Ddim {
 
     /// `DDIMScheduler.step` with `eta = 0`, in float32 as torch computes it.
     pub fn step(&mut self, model_output: &[f32], t: f64, sample: &[f32]) -> Vec<f32> {
+        self.step_any(model_output.to_vec(), t, sample.to_vec())
+    }
+
+    /// [`Self::step`] on device tensors (the same operations, the same results).
+    pub fn step_tensor(&mut self, model_output: Tensor<4>, t: f64, sample: Tensor<4>) -> Tensor<4> {
+        self.step_any(model_output, t, sample)
+    }
+
+    fn step_any<L: Latent>(&mut self, model_output: L, t: f64, sample: L) -> L {
         assert!(
             self.num_inference_steps > 0,
             "{}: call set_timesteps before step",
             Self::CLASS
         );
-        check_len(Self::CLASS, model_output, sample);
+        check_same(Self::CLASS, &model_output, &sample);
         let t = integral(Self::CLASS, t);
         let prev_t = t - (self.common.num_train_timesteps / self.num_inference_steps) as i64;
         let alpha_prod_t = self.common.alpha_prod(t);
@@ -117,26 +135,19 @@ fn read_ddim(
 
 /// A deterministic DDIM move of `sample` from noise level ᾱ `from` to ᾱ `to` (down for
 /// sampling, up for inversion): `sqrt(to)·x̂₀ + sqrt(1 − to)·ε̂`, in float32 as torch computes it.
-fn ddim_move(
-    prediction: Prediction,
-    model_output: &[f32],
-    sample: &[f32],
-    from: f32,
-    to: f32,
-) -> Vec<f32> {
+fn ddim_move<L: Latent>(prediction: Prediction, m: L, x: L, from: f32, to: f32) -> L {
     let (sqrt_a, sqrt_b) = (from.sqrt(), (1.0 - from).sqrt());
     let (sqrt_to, dir_coeff) = (to.sqrt(), (1.0 - to).sqrt());
-    model_output
-        .iter()
-        .zip(sample)
-        .map(|(&m, &x)| {
-            let (x0, eps) = match prediction {
-                Prediction::Epsilon => ((x - sqrt_b * m) / sqrt_a, m),
-                Prediction::V => (sqrt_a * x - sqrt_b * m, sqrt_a * m + sqrt_b * x),
-            };
-            sqrt_to * x0 + dir_coeff * eps
-        })
-        .collect()
+    let (x0, eps) = match prediction {
+        // (x − sqrt_b·m) / sqrt_a, m
+        Prediction::Epsilon => (x.minus(m.clone().times(sqrt_b)).over(sqrt_a), m),
+        // sqrt_a·x − sqrt_b·m, sqrt_a·m + sqrt_b·x
+        Prediction::V => (
+            x.clone().times(sqrt_a).minus(m.clone().times(sqrt_b)),
+            m.times(sqrt_a).plus(x.times(sqrt_b)),
+        ),
+    };
+    x0.times(sqrt_to).plus(eps.times(dir_coeff))
 }
 
 /// diffusers' `DDIMInverseScheduler` (eta 0): DDIM run backwards, from an image's latents
@@ -209,12 +220,21 @@ impl DdimInverse {
 
     /// `DDIMInverseScheduler.step`: the latents one step noisier, in float32 as torch computes.
     pub fn step(&self, model_output: &[f32], t: f64, sample: &[f32]) -> Vec<f32> {
+        self.step_any(model_output.to_vec(), t, sample.to_vec())
+    }
+
+    /// [`Self::step`] on device tensors (the same operations, the same results).
+    pub fn step_tensor(&self, model_output: Tensor<4>, t: f64, sample: Tensor<4>) -> Tensor<4> {
+        self.step_any(model_output, t, sample)
+    }
+
+    fn step_any<L: Latent>(&self, model_output: L, t: f64, sample: L) -> L {
         assert!(
             self.num_inference_steps > 0,
             "{}: call set_timesteps before step",
             Self::CLASS
         );
-        check_len(Self::CLASS, model_output, sample);
+        check_same(Self::CLASS, &model_output, &sample);
         let to = integral(Self::CLASS, t);
         let t_train = self.common.num_train_timesteps as i64;
         let from = (to - t_train / self.num_inference_steps as i64).min(t_train - 1);

@@ -1,11 +1,14 @@
 //! diffusers' `DPMSolverMultistepScheduler` as DPM-Solver++ 2M (`algorithm_type: "dpmsolver++"`,
 //! `solver_order: 2`): data-prediction multistep updates in log-SNR time, first order on the first
 //! step and, per `lower_order_final` / `euler_at_final` / `final_sigmas_type`, near the end.
+//! Steps host vectors or device tensors; the previous data prediction stays where its step ran.
 
+use super::latent::{Held, Latent, check_same};
 use super::{
-    Common, ConfigReader, Prediction, SchedulerConfig, SchedulerError, Spacing, check_len,
-    index_for_timestep, np_arange, np_interp, np_linspace,
+    Common, ConfigReader, Prediction, SchedulerConfig, SchedulerError, Spacing, index_for_timestep,
+    np_arange, np_interp, np_linspace,
 };
+use burn::tensor::Tensor;
 
 /// `DPMSolverMultistepScheduler` with `algorithm_type: "dpmsolver++"`, `solver_order` 1 or 2.
 #[derive(Debug, Clone)]
@@ -21,8 +24,9 @@ pub struct DpmSolverMultistep {
     lambda_min_clipped: f64,
     timesteps: Vec<f64>,
     sigmas: Vec<f32>,
-    /// The converted (x₀-predicting) model outputs of the last `solver_order` steps, oldest first.
-    model_outputs: Vec<Option<Vec<f32>>>,
+    /// The converted (x₀-predicting) model outputs of the last `solver_order` steps, oldest
+    /// first, on the host or the device as the steps ran.
+    model_outputs: Vec<Option<Held>>,
     lower_order_nums: usize,
     step_index: Option<usize>,
 }
@@ -164,7 +168,16 @@ impl DpmSolverMultistep {
     /// `add_noise`: `alpha_t·original + sigma_t·noise` for timestep `t`'s sigma
     /// (image-to-image's start).
     pub fn add_noise(&self, original: &[f32], noise: &[f32], t: f64) -> Vec<f32> {
-        check_len(Self::CLASS, noise, original);
+        self.add_noise_any(original.to_vec(), noise.to_vec(), t)
+    }
+
+    /// [`Self::add_noise`] on device tensors.
+    pub fn add_noise_tensor(&self, original: Tensor<4>, noise: Tensor<4>, t: f64) -> Tensor<4> {
+        self.add_noise_any(original, noise, t)
+    }
+
+    fn add_noise_any<L: Latent>(&self, original: L, noise: L, t: f64) -> L {
+        check_same(Self::CLASS, &noise, &original);
         let i = index_for_timestep(&self.timesteps, t).unwrap_or_else(|| {
             panic!(
                 "{}: timestep {t} is not in the schedule; pass a value from timesteps() after set_timesteps",
@@ -172,21 +185,28 @@ impl DpmSolverMultistep {
             )
         });
         let (a, s) = Self::alpha_sigma(self.sigmas[i]);
-        original
-            .iter()
-            .zip(noise)
-            .map(|(x, e)| a * x + s * e)
-            .collect()
+        // a·original + s·noise
+        original.times(a).plus(noise.times(s))
     }
 
     /// `DPMSolverMultistepScheduler.step`, in float32 as torch computes it.
     pub fn step(&mut self, model_output: &[f32], t: f64, sample: &[f32]) -> Vec<f32> {
+        self.step_any(model_output.to_vec(), t, sample.to_vec())
+    }
+
+    /// [`Self::step`] on device tensors (the same operations, the same results); the data
+    /// prediction the next step reads stays on the device.
+    pub fn step_tensor(&mut self, model_output: Tensor<4>, t: f64, sample: Tensor<4>) -> Tensor<4> {
+        self.step_any(model_output, t, sample)
+    }
+
+    fn step_any<L: Latent>(&mut self, model_output: L, t: f64, sample: L) -> L {
         assert!(
             !self.timesteps.is_empty(),
             "{}: call set_timesteps before step",
             Self::CLASS
         );
-        check_len(Self::CLASS, model_output, sample);
+        check_same(Self::CLASS, &model_output, &sample);
         let n = self.timesteps.len();
         let i = self
             .step_index
@@ -199,16 +219,20 @@ impl DpmSolverMultistep {
 
         // convert_model_output: the data prediction x0.
         let (alpha_s0, sigma_s0) = Self::alpha_sigma(self.sigmas[i]);
-        let x0: Vec<f32> = model_output
-            .iter()
-            .zip(sample)
-            .map(|(&m, &x)| match self.common.prediction {
-                Prediction::Epsilon => (x - sigma_s0 * m) / alpha_s0,
-                Prediction::V => alpha_s0 * x - sigma_s0 * m,
-            })
-            .collect();
+        let x0 = match self.common.prediction {
+            // (x − sigma_s0·m) / alpha_s0
+            Prediction::Epsilon => sample
+                .clone()
+                .minus(model_output.times(sigma_s0))
+                .over(alpha_s0),
+            // alpha_s0·x − sigma_s0·m
+            Prediction::V => sample
+                .clone()
+                .times(alpha_s0)
+                .minus(model_output.times(sigma_s0)),
+        };
         self.model_outputs.remove(0);
-        self.model_outputs.push(Some(x0));
+        self.model_outputs.push(Some(x0.keep()));
 
         let (alpha_t, sigma_t) = Self::alpha_sigma(self.sigmas[i + 1]);
         let lambda_t = alpha_t.ln() - sigma_t.ln();
@@ -216,21 +240,20 @@ impl DpmSolverMultistep {
         let h = lambda_t - lambda_s0;
         let ratio = sigma_t / sigma_s0;
         let b = alpha_t * ((-h).exp() - 1.0);
-        let m0 = self.model_outputs[self.solver_order - 1]
-            .as_deref()
-            .expect("just stored");
+        // The newest stored output is this step's x0.
+        let m0 = x0;
 
         let first_order = self.solver_order == 1 || self.lower_order_nums < 1 || lower_order_final;
-        let prev: Vec<f32> = if first_order {
-            sample
-                .iter()
-                .zip(m0)
-                .map(|(&x, &m)| ratio * x - b * m)
-                .collect()
+        let prev = if first_order {
+            // ratio·x − b·m0
+            sample.times(ratio).minus(m0.times(b))
         } else {
-            let m1 = self.model_outputs[self.solver_order - 2]
-                .as_deref()
-                .expect("the previous step's output");
+            let m1 = L::from_held(
+                self.model_outputs[self.solver_order - 2]
+                    .as_ref()
+                    .expect("the previous step's output"),
+                &sample,
+            );
             let (alpha_s1, sigma_s1) = Self::alpha_sigma(self.sigmas[i - 1]);
             let lambda_s1 = alpha_s1.ln() - sigma_s1.ln();
             let h_0 = lambda_s0 - lambda_s1;
@@ -241,18 +264,14 @@ impl DpmSolverMultistep {
             } else {
                 0.5 * b
             };
-            sample
-                .iter()
-                .zip(m0.iter().zip(m1))
-                .map(|(&x, (&a, &p))| {
-                    let d1 = inv_r0 * (a - p);
-                    if self.heun {
-                        ratio * x - b * a + c1 * d1
-                    } else {
-                        ratio * x - b * a - c1 * d1
-                    }
-                })
-                .collect()
+            // d1 = inv_r0·(m0 − m1); ratio·x − b·m0 ± c1·d1
+            let d1 = m0.clone().minus(m1).times(inv_r0);
+            let base = sample.times(ratio).minus(m0.times(b));
+            if self.heun {
+                base.plus(d1.times(c1))
+            } else {
+                base.minus(d1.times(c1))
+            }
         };
         if self.lower_order_nums < self.solver_order {
             self.lower_order_nums += 1;

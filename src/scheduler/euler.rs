@@ -1,10 +1,13 @@
 //! diffusers' `EulerDiscreteScheduler` (deterministic: `s_churn = 0`): the Euler method on the
 //! probability-flow ODE in sigma space, with sigmas linearly interpolated at float timesteps.
+//! Steps host vectors or device tensors.
 
+use super::latent::{Latent, check_same};
 use super::{
-    Common, ConfigReader, Prediction, SchedulerConfig, SchedulerError, Spacing, check_len,
-    index_for_timestep, np_arange, np_interp, np_linspace,
+    Common, ConfigReader, Prediction, SchedulerConfig, SchedulerError, Spacing, index_for_timestep,
+    np_arange, np_interp, np_linspace,
 };
+use burn::tensor::Tensor;
 
 /// `EulerDiscreteScheduler` (`interpolation_type: "linear"`, `timestep_type: "discrete"`, no
 /// Karras/exponential/beta sigmas).
@@ -119,25 +122,48 @@ impl EulerDiscrete {
 
     /// `add_noise`: `original + sigma_t·noise` (image-to-image's start).
     pub fn add_noise(&self, original: &[f32], noise: &[f32], t: f64) -> Vec<f32> {
-        check_len(Self::CLASS, noise, original);
+        self.add_noise_any(original.to_vec(), noise.to_vec(), t)
+    }
+
+    /// [`Self::add_noise`] on device tensors.
+    pub fn add_noise_tensor(&self, original: Tensor<4>, noise: Tensor<4>, t: f64) -> Tensor<4> {
+        self.add_noise_any(original, noise, t)
+    }
+
+    fn add_noise_any<L: Latent>(&self, original: L, noise: L, t: f64) -> L {
+        check_same(Self::CLASS, &noise, &original);
         let sigma = self.sigmas[self.index(t)];
-        original
-            .iter()
-            .zip(noise)
-            .map(|(x, n)| x + sigma * n)
-            .collect()
+        original.plus(noise.times(sigma))
     }
 
     /// `sample / sqrt(sigma² + 1)` for the current step's sigma.
     pub fn scale_model_input(&self, sample: &[f32], t: f64) -> Vec<f32> {
+        self.scale_any(sample.to_vec(), t)
+    }
+
+    /// [`Self::scale_model_input`] on a device tensor.
+    pub fn scale_model_input_tensor(&self, sample: Tensor<4>, t: f64) -> Tensor<4> {
+        self.scale_any(sample, t)
+    }
+
+    fn scale_any<L: Latent>(&self, sample: L, t: f64) -> L {
         let sigma = self.sigmas[self.index(t)];
         let d = (sigma * sigma + 1.0).sqrt();
-        sample.iter().map(|&x| x / d).collect()
+        sample.over(d)
     }
 
     /// `EulerDiscreteScheduler.step` with `s_churn = 0`, in float32 as torch computes it.
     pub fn step(&mut self, model_output: &[f32], t: f64, sample: &[f32]) -> Vec<f32> {
-        check_len(Self::CLASS, model_output, sample);
+        self.step_any(model_output.to_vec(), t, sample.to_vec())
+    }
+
+    /// [`Self::step`] on device tensors (the same operations, the same results).
+    pub fn step_tensor(&mut self, model_output: Tensor<4>, t: f64, sample: Tensor<4>) -> Tensor<4> {
+        self.step_any(model_output, t, sample)
+    }
+
+    fn step_any<L: Latent>(&mut self, m: L, t: f64, x: L) -> L {
+        check_same(Self::CLASS, &m, &x);
         let i = self.index(t);
         let sigma = self.sigmas[i];
         // gamma = 0: sigma_hat = sigma * (gamma + 1) = sigma.
@@ -145,18 +171,15 @@ impl EulerDiscrete {
         let dt = self.sigmas[i + 1] - sigma_hat;
         let v_scale = -sigma / (sigma * sigma + 1.0).sqrt();
         let v_div = sigma * sigma + 1.0;
-        let out = model_output
-            .iter()
-            .zip(sample)
-            .map(|(&m, &x)| {
-                let x0 = match self.common.prediction {
-                    Prediction::Epsilon => x - sigma_hat * m,
-                    Prediction::V => m * v_scale + x / v_div,
-                };
-                let derivative = (x - x0) / sigma_hat;
-                x + derivative * dt
-            })
-            .collect();
+        let x0 = match self.common.prediction {
+            // x − sigma_hat·m
+            Prediction::Epsilon => x.clone().minus(m.times(sigma_hat)),
+            // m·v_scale + x / v_div
+            Prediction::V => m.times(v_scale).plus(x.clone().over(v_div)),
+        };
+        // x + ((x − x0) / sigma_hat)·dt
+        let derivative = x.clone().minus(x0).over(sigma_hat);
+        let out = x.plus(derivative.times(dt));
         self.step_index = Some(i + 1);
         out
     }

@@ -1,7 +1,10 @@
 //! Diffusion schedulers built from a diffusers `scheduler/scheduler_config.json`: DDIM, PNDM
 //! (PLMS, `skip_prk_steps: true`), Euler (discrete) and DPM-Solver++ 2M, matching diffusers 0.42
-//! step for step. The math runs on the host in `f32`, in the order torch runs it, so a denoising
-//! loop written against [`Scheduler`] reproduces a diffusers pipeline's latents.
+//! step for step. The math runs in `f32`, in the order torch runs it, so a denoising loop written
+//! against [`Scheduler`] reproduces a diffusers pipeline's latents. Each step is written once over
+//! the elementwise operations it needs and runs on host vectors ([`Scheduler::step`]) or on
+//! device tensors ([`Scheduler::step_tensor`], what the pipeline's loop uses: the latents and a
+//! scheduler's history never leave the device); the two give the same bits on the CPU backend.
 //!
 //! `_class_name` picks the scheduler ([`Scheduler::open`], [`Scheduler::from_config`]);
 //! [`Scheduler::from_name`] overrides it (`ddim`, `pndm`, `euler`, `dpmpp2m`). Unknown fields are
@@ -23,10 +26,15 @@
 //! }
 //! # Ok::<(), rewire::scheduler::SchedulerError>(())
 //! ```
+//!
+//! The same loop on the device: `x` a `Tensor<4>`, `s.scale_model_input_tensor(x.clone(), t)`
+//! for the UNet and `x = s.step_tensor(eps, t, x)`. Try it:
+//! `cargo test --release --lib scheduler::tests`.
 
 mod ddim;
 mod dpmpp2m;
 mod euler;
+mod latent;
 mod pndm;
 
 pub use ddim::{Ddim, DdimInverse};
@@ -34,6 +42,8 @@ pub use dpmpp2m::DpmSolverMultistep;
 pub use euler::EulerDiscrete;
 pub use pndm::Pndm;
 
+use burn::tensor::Tensor;
+use latent::{Latent, check_same};
 use serde::de::DeserializeOwned;
 use serde_json::{Map, Value};
 use std::path::{Path, PathBuf};
@@ -338,15 +348,11 @@ impl Common {
     }
 
     /// `sqrt(ᾱ_t)·original + sqrt(1 − ᾱ_t)·noise` (DDPM-family `add_noise`), in float32.
-    pub fn add_noise_vp(&self, class: &str, original: &[f32], noise: &[f32], t: f64) -> Vec<f32> {
-        check_len(class, noise, original);
+    pub fn add_noise_vp<L: Latent>(&self, class: &str, original: L, noise: L, t: f64) -> L {
+        check_same(class, &noise, &original);
         let a = self.alpha_prod(integral(class, t));
         let (s, r) = (a.sqrt(), (1.0 - a).sqrt());
-        original
-            .iter()
-            .zip(noise)
-            .map(|(x, n)| s * x + r * n)
-            .collect()
+        original.times(s).plus(noise.times(r))
     }
 
     /// The training sigmas `((1 - alphas_cumprod) / alphas_cumprod) ** 0.5`, in float32.
@@ -701,17 +707,6 @@ pub(crate) fn integral(class: &str, t: f64) -> i64 {
     t as i64
 }
 
-/// Checks that a model output and a sample have the same length.
-pub(crate) fn check_len(class: &str, model_output: &[f32], sample: &[f32]) {
-    assert_eq!(
-        model_output.len(),
-        sample.len(),
-        "{class}: model_output has {} values, sample has {}",
-        model_output.len(),
-        sample.len()
-    );
-}
-
 /// The scheduler names [`Scheduler::from_name`] accepts, with their diffusers class.
 pub const SCHEDULER_NAMES: [(&str, &str); 4] = [
     ("ddim", Ddim::CLASS),
@@ -909,6 +904,43 @@ impl Scheduler {
         }
     }
 
+    /// [`Self::scale_model_input`] on a device tensor.
+    pub fn scale_model_input_tensor(&self, sample: Tensor<4>, t: f64) -> Tensor<4> {
+        match self {
+            Self::Euler(s) => s.scale_model_input_tensor(sample, t),
+            _ => sample,
+        }
+    }
+
+    /// [`Self::step`] on device tensors `[batch, channels, h, w]`: the same operations in the
+    /// same order (the same results on the CPU backend), with the scheduler's history (PNDM's
+    /// past outputs, DPM-Solver++'s previous data prediction) kept on the device.
+    ///
+    /// # Panics
+    /// As [`Self::step`]: before [`Self::set_timesteps`], when the shapes of `model_output` and
+    /// `sample` differ, or when `t` is not a timestep of the schedule.
+    pub fn step_tensor(&mut self, model_output: Tensor<4>, t: f64, sample: Tensor<4>) -> Tensor<4> {
+        match self {
+            Self::Ddim(s) => s.step_tensor(model_output, t, sample),
+            Self::Pndm(s) => s.step_tensor(model_output, t, sample),
+            Self::Euler(s) => s.step_tensor(model_output, t, sample),
+            Self::DpmSolverMultistep(s) => s.step_tensor(model_output, t, sample),
+        }
+    }
+
+    /// [`Self::add_noise`] on device tensors.
+    ///
+    /// # Panics
+    /// When the shapes differ or `t` is not in the schedule.
+    pub fn add_noise_tensor(&self, original: Tensor<4>, noise: Tensor<4>, t: f64) -> Tensor<4> {
+        match self {
+            Self::Ddim(s) => s.add_noise_tensor(original, noise, t),
+            Self::Pndm(s) => s.add_noise_tensor(original, noise, t),
+            Self::Euler(s) => s.add_noise_tensor(original, noise, t),
+            Self::DpmSolverMultistep(s) => s.add_noise_tensor(original, noise, t),
+        }
+    }
+
     /// diffusers' `scheduler.order` (1 for all four: one UNet call per step).
     pub fn order(&self) -> usize {
         1
@@ -921,4 +953,152 @@ fn short_names() -> String {
         .map(|(s, _)| *s)
         .collect::<Vec<_>>()
         .join(", ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::tensor::TensorData;
+
+    fn config(class: &str, prediction: &str, extra: &str) -> SchedulerConfig {
+        let json = format!(
+            r#"{{"_class_name": "{class}", "beta_start": 0.00085, "beta_end": 0.012,
+               "beta_schedule": "scaled_linear", "num_train_timesteps": 1000,
+               "set_alpha_to_one": false, "skip_prk_steps": true, "steps_offset": 1,
+               "clip_sample": false, "prediction_type": "{prediction}"{extra}}}"#
+        );
+        SchedulerConfig::from_json(&json, Path::new("test.json")).expect("a valid config")
+    }
+
+    fn host(t: Tensor<4>) -> Vec<f32> {
+        t.into_data()
+            .convert::<f32>()
+            .try_into_vec::<f32>()
+            .expect("f32 data")
+    }
+
+    fn max_diff(a: &[f32], b: &[f32]) -> f32 {
+        assert_eq!(a.len(), b.len());
+        a.iter()
+            .zip(b)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0.0, f32::max)
+    }
+
+    /// Every scheduler stepped on device tensors gives the host step's latents, step after step
+    /// (PNDM's four past outputs and DPM-Solver++'s previous data prediction kept on the device),
+    /// for both prediction types; so does image-to-image's `add_noise` and Euler's input scaling.
+    #[test]
+    fn tensor_steps_match_host_steps() {
+        let device = crate::backend::default_device().expect("a compiled backend");
+        let shape = [2usize, 4, 5, 3];
+        let n: usize = shape.iter().product();
+        let up = |v: &[f32]| {
+            Tensor::<4>::from_data(TensorData::new(v.to_vec(), shape.to_vec()), &device)
+        };
+        let cases = [
+            ("DDIMScheduler", ""),
+            ("PNDMScheduler", ""),
+            ("EulerDiscreteScheduler", ""),
+            (
+                "EulerDiscreteScheduler",
+                r#", "timestep_spacing": "leading""#,
+            ),
+            ("DPMSolverMultistepScheduler", ""),
+            ("DPMSolverMultistepScheduler", r#", "solver_type": "heun""#),
+            (
+                "DPMSolverMultistepScheduler",
+                r#", "lower_order_final": false, "final_sigmas_type": "sigma_min""#,
+            ),
+        ];
+        let mut worst = 0f32;
+        for (class, extra) in cases {
+            for prediction in ["epsilon", "v_prediction"] {
+                let what = format!("{class}{extra} {prediction}");
+                let mut on_host = Scheduler::from_config(&config(class, prediction, extra))
+                    .expect("a supported config");
+                on_host.set_timesteps(6).expect("6 steps");
+                let mut on_device = on_host.clone();
+                let ts = on_host.timesteps().to_vec();
+                assert!(ts.len() >= 6, "{what}");
+
+                let noise = crate::pipeline::gaussian(1, n);
+                let image = crate::pipeline::gaussian(2, n);
+                let mut x = on_host.add_noise(&image, &noise, ts[0]);
+                let mut xt = on_device.add_noise_tensor(up(&image), up(&noise), ts[0]);
+                let e = max_diff(&x, &host(xt.clone()));
+                assert!(e <= 1e-6, "{what}: add_noise differs by {e}");
+
+                for (i, &t) in ts.iter().enumerate() {
+                    let xin = on_host.scale_model_input(&x, t);
+                    let xin_t = on_device.scale_model_input_tensor(xt.clone(), t);
+                    let e = max_diff(&xin, &host(xin_t));
+                    assert!(
+                        e <= 1e-6,
+                        "{what} step {i}: scale_model_input differs by {e}"
+                    );
+
+                    let eps = crate::pipeline::gaussian(10 + i as u64, n);
+                    x = on_host.step(&eps, t, &x);
+                    xt = on_device.step_tensor(up(&eps), t, xt);
+                    let e = max_diff(&x, &host(xt.clone()));
+                    worst = worst.max(e);
+                    assert!(e <= 1e-6, "{what} step {i} (t = {t}): differs by {e}");
+                }
+                assert!(x.iter().all(|v| v.is_finite()), "{what}");
+            }
+        }
+
+        println!("device vs host steps: largest difference {worst:e}");
+
+        // DDIM inversion, rising through the schedule.
+        for prediction in ["epsilon", "v_prediction"] {
+            let mut inv = DdimInverse::from_config(&config("DDIMScheduler", prediction, ""))
+                .expect("a supported config");
+            inv.set_timesteps(6).expect("6 steps");
+            let mut x = crate::pipeline::gaussian(3, n);
+            let mut xt = up(&x);
+            for (i, &t) in inv.timesteps().to_vec().iter().enumerate() {
+                let eps = crate::pipeline::gaussian(20 + i as u64, n);
+                x = inv.step(&eps, t, &x);
+                xt = inv.step_tensor(up(&eps), t, xt);
+                let e = max_diff(&x, &host(xt.clone()));
+                assert!(
+                    e <= 1e-6,
+                    "DDIM inverse {prediction} step {i}: differs by {e}"
+                );
+            }
+        }
+    }
+
+    /// History made on the host is read by a device step (and the other way round), so a loop
+    /// may switch between the two.
+    #[test]
+    fn history_moves_between_host_and_device() {
+        let device = crate::backend::default_device().expect("a compiled backend");
+        let shape = [1usize, 4, 2, 2];
+        let n: usize = shape.iter().product();
+        let up = |v: &[f32]| {
+            Tensor::<4>::from_data(TensorData::new(v.to_vec(), shape.to_vec()), &device)
+        };
+        for class in ["PNDMScheduler", "DPMSolverMultistepScheduler"] {
+            let mut a = Scheduler::from_config(&config(class, "epsilon", "")).expect("config");
+            a.set_timesteps(8).expect("8 steps");
+            let mut b = a.clone();
+            let ts = a.timesteps().to_vec();
+            let mut x = crate::pipeline::gaussian(4, n);
+            let mut y = x.clone();
+            for (i, &t) in ts.iter().enumerate() {
+                let eps = crate::pipeline::gaussian(30 + i as u64, n);
+                x = a.step(&eps, t, &x);
+                y = if i % 2 == 0 {
+                    host(b.step_tensor(up(&eps), t, up(&y)))
+                } else {
+                    b.step(&eps, t, &y)
+                };
+                let e = max_diff(&x, &y);
+                assert!(e <= 1e-6, "{class} step {i}: differs by {e}");
+            }
+        }
+    }
 }

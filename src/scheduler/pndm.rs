@@ -1,11 +1,14 @@
 //! diffusers' `PNDMScheduler` with `skip_prk_steps: true` (the PLMS sampler Stable Diffusion 1.x
 //! ships with): a linear multistep method over the last four model outputs, with a second-order
 //! start that spends two UNet calls on the first step (the repeated timestep in the schedule).
+//! Steps host vectors or device tensors; the history stays where its steps ran.
 
+use super::latent::{Held, Latent, check_same};
 use super::{
-    Common, ConfigReader, Prediction, SchedulerConfig, SchedulerError, Spacing, check_len,
-    integral, np_arange, np_linspace,
+    Common, ConfigReader, Prediction, SchedulerConfig, SchedulerError, Spacing, integral,
+    np_arange, np_linspace,
 };
+use burn::tensor::Tensor;
 
 /// `PNDMScheduler` (PLMS only: `skip_prk_steps: true`).
 #[derive(Debug, Clone)]
@@ -14,10 +17,11 @@ pub struct Pndm {
     final_alpha_cumprod: f32,
     num_inference_steps: usize,
     timesteps: Vec<f64>,
-    /// Past model outputs (diffusers' `ets`), newest last; at most four are kept.
-    ets: Vec<Vec<f32>>,
+    /// Past model outputs (diffusers' `ets`), newest last; at most four are kept, on the host
+    /// or the device as the steps ran.
+    ets: Vec<Held>,
     /// The sample of the first step, reused by the second (diffusers' `cur_sample`).
-    cur_sample: Option<Vec<f32>>,
+    cur_sample: Option<Held>,
     counter: usize,
 }
 
@@ -101,6 +105,12 @@ impl Pndm {
 
     /// `add_noise`: `original` noised to timestep `t` (image-to-image's start).
     pub fn add_noise(&self, original: &[f32], noise: &[f32], t: f64) -> Vec<f32> {
+        self.common
+            .add_noise_vp(Self::CLASS, original.to_vec(), noise.to_vec(), t)
+    }
+
+    /// [`Self::add_noise`] on device tensors.
+    pub fn add_noise_tensor(&self, original: Tensor<4>, noise: Tensor<4>, t: f64) -> Tensor<4> {
         self.common.add_noise_vp(Self::CLASS, original, noise, t)
     }
 
@@ -111,12 +121,22 @@ impl Pndm {
 
     /// `PNDMScheduler.step_plms`, in float32 as torch computes it.
     pub fn step(&mut self, model_output: &[f32], t: f64, sample: &[f32]) -> Vec<f32> {
+        self.step_any(model_output.to_vec(), t, sample.to_vec())
+    }
+
+    /// [`Self::step`] on device tensors (the same operations, the same results); the past
+    /// outputs the next steps read stay on the device.
+    pub fn step_tensor(&mut self, model_output: Tensor<4>, t: f64, sample: Tensor<4>) -> Tensor<4> {
+        self.step_any(model_output, t, sample)
+    }
+
+    fn step_any<L: Latent>(&mut self, model_output: L, t: f64, sample: L) -> L {
         assert!(
             self.num_inference_steps > 0,
             "{}: call set_timesteps before step",
             Self::CLASS
         );
-        check_len(Self::CLASS, model_output, sample);
+        check_same(Self::CLASS, &model_output, &sample);
         let ratio = (self.common.num_train_timesteps / self.num_inference_steps) as i64;
         let mut timestep = integral(Self::CLASS, t);
         let mut prev_timestep = timestep - ratio;
@@ -124,66 +144,60 @@ impl Pndm {
             if self.ets.len() > 3 {
                 self.ets.remove(0);
             }
-            self.ets.push(model_output.to_vec());
+            self.ets.push(model_output.keep());
         } else {
             prev_timestep = timestep;
             timestep += ratio;
         }
 
         let mut sample = sample;
-        let held;
-        let combined: Vec<f32> = match (self.ets.len(), self.counter) {
+        let et = |k: usize| L::from_held(&self.ets[k], &model_output);
+        let combined = match (self.ets.len(), self.counter) {
             (1, 0) => {
-                self.cur_sample = Some(sample.to_vec());
-                model_output.to_vec()
+                self.cur_sample = Some(sample.keep());
+                model_output
             }
             (1, 1) => {
-                held = self
+                let held = self
                     .cur_sample
                     .take()
                     .expect("the first PLMS step keeps its sample");
-                sample = &held;
-                let e1 = &self.ets[0];
-                model_output
-                    .iter()
-                    .zip(e1)
-                    .map(|(&m, &e)| (m + e) / 2.0)
-                    .collect()
+                sample = L::from_held(&held, &sample);
+                // (m + e1) / 2
+                model_output.clone().plus(et(0)).over(2.0)
             }
             (2, _) => {
-                let (e2, e1) = (&self.ets[0], &self.ets[1]);
-                e1.iter()
-                    .zip(e2)
-                    .map(|(&a, &b)| (3.0 * a - b) / 2.0)
-                    .collect()
+                let (e2, e1) = (et(0), et(1));
+                // (3·e1 − e2) / 2
+                e1.times(3.0).minus(e2).over(2.0)
             }
             (3, _) => {
-                let (e3, e2, e1) = (&self.ets[0], &self.ets[1], &self.ets[2]);
-                (0..e1.len())
-                    .map(|i| (23.0 * e1[i] - 16.0 * e2[i] + 5.0 * e3[i]) / 12.0)
-                    .collect()
+                let (e3, e2, e1) = (et(0), et(1), et(2));
+                // (23·e1 − 16·e2 + 5·e3) / 12
+                e1.times(23.0)
+                    .minus(e2.times(16.0))
+                    .plus(e3.times(5.0))
+                    .over(12.0)
             }
             _ => {
                 let n = self.ets.len();
-                let (e4, e3, e2, e1) = (
-                    &self.ets[n - 4],
-                    &self.ets[n - 3],
-                    &self.ets[n - 2],
-                    &self.ets[n - 1],
-                );
+                let (e4, e3, e2, e1) = (et(n - 4), et(n - 3), et(n - 2), et(n - 1));
                 let c = (1.0f64 / 24.0) as f32;
-                (0..e1.len())
-                    .map(|i| c * (55.0 * e1[i] - 59.0 * e2[i] + 37.0 * e3[i] - 9.0 * e4[i]))
-                    .collect()
+                // c·(55·e1 − 59·e2 + 37·e3 − 9·e4)
+                e1.times(55.0)
+                    .minus(e2.times(59.0))
+                    .plus(e3.times(37.0))
+                    .minus(e4.times(9.0))
+                    .times(c)
             }
         };
-        let prev = self.prev_sample(sample, timestep, prev_timestep, &combined);
+        let prev = self.prev_sample(sample, timestep, prev_timestep, combined);
         self.counter += 1;
         prev
     }
 
     /// Formula (9) of the PNDM paper (diffusers' `_get_prev_sample`).
-    fn prev_sample(&self, sample: &[f32], t: i64, prev_t: i64, model_output: &[f32]) -> Vec<f32> {
+    fn prev_sample<L: Latent>(&self, sample: L, t: i64, prev_t: i64, model_output: L) -> L {
         let alpha_prod_t = self.common.alpha_prod(t);
         let alpha_prod_t_prev = if prev_t >= 0 {
             self.common.alpha_prod(prev_t)
@@ -197,16 +211,16 @@ impl Pndm {
         let denom = alpha_prod_t * beta_prod_t_prev.sqrt()
             + (alpha_prod_t * beta_prod_t * alpha_prod_t_prev).sqrt();
         let diff = alpha_prod_t_prev - alpha_prod_t;
-        model_output
-            .iter()
-            .zip(sample)
-            .map(|(&m, &x)| {
-                let eps = match self.common.prediction {
-                    Prediction::Epsilon => m,
-                    Prediction::V => sqrt_a * m + sqrt_b * x,
-                };
-                sample_coeff * x - diff * eps / denom
-            })
-            .collect()
+        let eps = match self.common.prediction {
+            Prediction::Epsilon => model_output,
+            // sqrt_a·m + sqrt_b·x
+            Prediction::V => model_output
+                .times(sqrt_a)
+                .plus(sample.clone().times(sqrt_b)),
+        };
+        // sample_coeff·x − (diff·eps) / denom
+        sample
+            .times(sample_coeff)
+            .minus(eps.times(diff).over(denom))
     }
 }
