@@ -55,6 +55,9 @@ impl InvertOptions {
             guidance: 1.0,
             size: Some((width, height)),
             weights: self.weights,
+            // The inversion's steps are DDIM's (`DdimInverse`), whatever the pipeline's
+            // scheduler: a recipe compiled for it must have DDIM's step count.
+            scheduler: Some("ddim".into()),
             ..Default::default()
         }
     }
@@ -136,7 +139,7 @@ pub fn invert_latents(
 }
 
 /// As [`invert_latents`], with a recipe's invert pass compiled for
-/// [`InvertOptions::run_options`]: its rewrites apply at every step and its stores record
+/// [`InvertOptions::run_options`]: its rewrites apply at their steps and its stores record
 /// (kept in [`Inversion::stored`] for the pass that reads them).
 pub fn invert_with(
     pipe: &Pipeline,

@@ -1061,7 +1061,7 @@ pub fn read_stored(
         let v = match read.read(name, t, shape, device) {
             None => continue,
             Some(Ok(v)) => v,
-            Some(Err(e)) => {
+            Some(Err(e @ crate::compile::store::StoredError::Missing { .. })) => {
                 let so_far = match crate::graph::keys::Key::parse(name) {
                     crate::graph::keys::Key::Stored { name: n, layer } => {
                         own.current(&crate::graph::keys::Key::store(n, layer).to_string())
@@ -1075,6 +1075,7 @@ pub fn read_stored(
                 one.insert_reduced(name, &h, device);
                 one.read(name, t, shape, device).expect("a stored read")?
             }
+            Some(Err(e)) => return Err(e.into()),
         };
         state.insert(name.to_string(), v);
     }

@@ -103,10 +103,11 @@ pub struct Edited {
 
 /// FateZero: the frames are VAE-encoded and DDIM-inverted as one batch under the source prompt
 /// while the recipe's `pass: "invert"` rewrites apply and its stores record; then the inverted
-/// latents are denoised with classifier-free guidance under the edit prompt while its
-/// `pass: "edit"` rewrites apply and read the stored maps (named state). Rewrites without a
-/// pass apply to both. `recipe: None` is the plain per-frame edit. `progress(pass, step,
-/// total)` after each step.
+/// latents are denoised with classifier-free guidance (DDIM, the inversion's schedule run
+/// backwards) under the edit prompt while its `pass: "edit"` rewrites apply and read the stored
+/// maps (named state). Rewrites without a pass apply to both. `recipe: None` is the plain
+/// per-frame edit. Both passes are compiled, their state checked against each other and the
+/// memory estimated before anything is encoded. `progress(pass, step, total)` after each step.
 pub fn edit(
     pipe: &Pipeline,
     opts: &EditOptions,
@@ -114,8 +115,19 @@ pub fn edit(
     frames: &[HostTensor],
     progress: impl FnMut(&str, usize, usize),
 ) -> Result<Edited, PipelineError> {
+    let first = frames.first().ok_or(PipelineError::NoPicture)?;
+    let [h, w, 3] = first.shape[..] else {
+        return Err(PipelineError::PictureSizes {
+            index: 0,
+            found: first.shape.clone(),
+            expected: vec![0, 0, 3],
+        });
+    };
+    let f = pipe.vae.downsample_factor();
+    let (lh, lw) = (h / f, w / f);
+    let job = prepare(pipe, opts, recipe, frames.len(), lh, lw)?;
     let latents_0 = crate::invert::encode(pipe, &inversion_options(opts), frames)?;
-    edit_latents(pipe, opts, recipe, latents_0, progress)
+    run_prepared(pipe, opts, job, latents_0, progress)
 }
 
 fn inversion_options(opts: &EditOptions) -> crate::invert::InvertOptions {
@@ -132,7 +144,7 @@ pub fn edit_latents(
     opts: &EditOptions,
     recipe: Option<&Source>,
     latents_0: HostTensor,
-    mut progress: impl FnMut(&str, usize, usize),
+    progress: impl FnMut(&str, usize, usize),
 ) -> Result<Edited, PipelineError> {
     let [n, _, lh, lw] = latents_0.shape[..] else {
         return Err(PipelineError::Latents {
@@ -143,39 +155,65 @@ pub fn edit_latents(
             width: 0,
         });
     };
+    let job = prepare(pipe, opts, recipe, n, lh, lw)?;
+    run_prepared(pipe, opts, job, latents_0, progress)
+}
+
+/// Both passes of an edit, compiled and checked.
+struct Prepared {
+    inv: Option<crate::compile::Compiled>,
+    run: RunOptions,
+    edit: Option<crate::compile::Compiled>,
+}
+
+/// Compiles both passes for `n` frames of `lh`×`lw` latents, checks that what the edit reads
+/// is what the inversion writes (shapes, timesteps), and that the job fits in memory.
+fn prepare(
+    pipe: &Pipeline,
+    opts: &EditOptions,
+    recipe: Option<&Source>,
+    n: usize,
+    lh: usize,
+    lw: usize,
+) -> Result<Prepared, PipelineError> {
     let f = pipe.vae.downsample_factor();
     let (h, w) = (lh * f, lw * f);
     let passes: Vec<String> = EDIT_PASSES.iter().map(|p| p.to_string()).collect();
-    let inv = inversion_options(opts);
     let inv_run = RunOptions {
         frames: Some(n),
         pass: Some(EDIT_PASSES[0].into()),
         passes: passes.clone(),
-        ..inv.run_options(n, w, h)
+        ..inversion_options(opts).run_options(n, w, h)
     };
-    let compiled = recipe.map(|r| pipe.compile(&inv_run, r)).transpose()?;
+    let inv = recipe.map(|r| pipe.compile(&inv_run, r)).transpose()?;
     let run = RunOptions {
         prompts: vec![opts.prompt.clone(); n],
         negative: opts.negative.clone(),
         steps: opts.steps,
         guidance: opts.guidance,
+        // DDIM: the edit runs the inversion's schedule backwards, whatever the pipeline's
+        // scheduler (the stored maps are read at the same timesteps).
+        scheduler: Some("ddim".into()),
         size: Some((w, h)),
         weights: opts.weights,
-        latents: Some(latents_0.clone()),
         frames: Some(n),
         pass: Some(EDIT_PASSES[1].into()),
         passes,
         ..Default::default()
     };
-    let edit_compiled = recipe.map(|r| pipe.compile(&run, r)).transpose()?;
+    let edit = recipe.map(|r| pipe.compile(&run, r)).transpose()?;
+    if let (Some(i), Some(e)) = (&inv, &edit) {
+        let inv_t = crate::scheduler::DdimInverse::from_config(&pipe.scheduler)
+            .and_then(|mut s| s.set_timesteps(opts.steps).map(|()| s.timesteps().to_vec()))
+            .map_err(|e| PipelineError::Component {
+                component: "scheduler",
+                message: e.to_string(),
+            })?;
+        let edit_t = pipe.schedule(&run)?.1;
+        crate::compile::store::check_passes(i, &inv_t, e, &edit_t)?;
+    }
     // What the job will hold, before anything is allocated.
-    let need = edit_memory(
-        pipe,
-        &inv_run,
-        compiled.as_ref(),
-        &run,
-        edit_compiled.as_ref(),
-    )?;
+    let need = edit_memory(pipe, &inv_run, inv.as_ref(), &run, edit.as_ref())?;
     if let Some(avail) = crate::limits::available_memory()
         && need.total() > avail
     {
@@ -185,10 +223,10 @@ pub fn edit_latents(
             need_mib: mib(need.total()),
             available_mib: mib(avail),
             detail: format!(
-                "activations {} MiB, weights {} MiB, stores kept in memory {} MiB",
+                "activations {} MiB, stores kept in memory {} MiB; the weights ({} MiB) are loaded already",
                 mib(need.activations),
-                mib(need.weights),
-                mib(need.stores)
+                mib(need.stores),
+                mib(need.weights)
             ),
             hint: if need.stores > 0 {
                 "spill the recipe's stores to disk (Store(..., reduce: Each, on: Disk)), or edit fewer frames at a time".into()
@@ -197,15 +235,28 @@ pub fn edit_latents(
             },
         });
     }
-    let inversion =
-        crate::invert::invert_with(pipe, &inv, latents_0, compiled.as_ref(), |i, k| {
-            progress(EDIT_PASSES[0], i, k)
-        })?;
+    Ok(Prepared { inv, run, edit })
+}
+
+fn run_prepared(
+    pipe: &Pipeline,
+    opts: &EditOptions,
+    job: Prepared,
+    latents_0: HostTensor,
+    mut progress: impl FnMut(&str, usize, usize),
+) -> Result<Edited, PipelineError> {
+    let inversion = crate::invert::invert_with(
+        pipe,
+        &inversion_options(opts),
+        latents_0,
+        job.inv.as_ref(),
+        |i, k| progress(EDIT_PASSES[0], i, k),
+    )?;
     let run = RunOptions {
         latents: Some(inversion.latents().clone()),
-        ..run
+        ..job.run
     };
-    let out = pipe.run_reading(&run, edit_compiled.as_ref(), &inversion.stored, |i, k| {
+    let out = pipe.run_reading(&run, job.edit.as_ref(), &inversion.stored, |i, k| {
         progress(EDIT_PASSES[1], i, k)
     })?;
     Ok(Edited {
@@ -229,9 +280,10 @@ pub struct EditMemory {
 }
 
 impl EditMemory {
-    /// What the job holds in memory.
+    /// What the job will add to the memory in use once the model is loaded: the activations
+    /// and the stores kept in memory (the weights are held already).
     pub fn total(&self) -> u64 {
-        self.activations + self.weights + self.stores
+        self.activations + self.stores
     }
 }
 

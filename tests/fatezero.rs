@@ -320,7 +320,11 @@ fn a_read_needs_an_earlier_write() {
     let e = compile_graph(&src, &base, &opts("invert"))
         .unwrap_err()
         .to_string();
-    assert!(e.contains("no Store(name: \"inv\") is written"), "{e}");
+    // The store is in the last pass: nothing could read it, and the read has no write before.
+    assert!(
+        e.contains("fz.ron:3:") && e.contains("no pass runs after this one"),
+        "{e}"
+    );
     // A name no Store writes.
     let src = Source::parse(
         &text.replace("Stored(\"inv\")", "Stored(\"other\")"),
@@ -574,6 +578,92 @@ fn disk_stores_give_the_same_edit() {
         .to_string();
     assert!(
         e.contains("bad.ron:") && e.contains("on: Disk spills"),
+        "{e}"
+    );
+}
+
+/// Passes and state checked before anything runs: a multi-pass recipe in a one-pass job, an
+/// unknown --pass, an Each store no later pass reads, a bad store name, a read at timesteps the
+/// store never wrote.
+#[test]
+fn passes_and_state_are_checked_before_running() {
+    let model = shapes_sd();
+    let m = model.to_str().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("x.png");
+    let (ok, _, err) = rewire(&[
+        "run",
+        m,
+        "--recipe",
+        "rewrites/fatezero.ron",
+        "--prompt",
+        "a",
+        "-o",
+        out.to_str().unwrap(),
+    ]);
+    assert!(
+        !ok && err.contains("this job runs one pass") && err.contains("video edit"),
+        "{err}"
+    );
+    let (ok, _, err) = rewire(&[
+        "check",
+        "rewrites/fatezero.ron",
+        "--model",
+        m,
+        "--frames",
+        "4",
+        "--pass",
+        "edti",
+    ]);
+    assert!(
+        !ok && err.contains("no pass \"edti\"") && err.contains("invert, edit"),
+        "{err}"
+    );
+    let write = |name: &str, text: &str| {
+        let p = dir.path().join(name);
+        std::fs::write(&p, text).unwrap();
+        p
+    };
+    let each = write(
+        "each.ron",
+        r#"Recipe(name: "e", rewrites: [Rewrite(select: Select(), op: Store(name: "s", reduce: Each))])"#,
+    );
+    let (ok, _, err) = rewire(&["check", each.to_str().unwrap(), "--model", m]);
+    assert!(
+        !ok && err.contains("each.ron:1:") && err.contains("no pass runs after"),
+        "{err}"
+    );
+    let bad = write(
+        "name.ron",
+        r#"Recipe(name: "e", rewrites: [Rewrite(select: Select(), op: Store(name: "a.up_blocks.0"))])"#,
+    );
+    let (ok, _, err) = rewire(&["check", bad.to_str().unwrap(), "--model", m]);
+    assert!(!ok && err.contains("is not a plain name"), "{err}");
+
+    // The inversion stores only its first half of steps (timesteps 1..451); the edit reads
+    // cross maps at steps 0..16 (timesteps 951..201): refused before the inversion runs.
+    let text = std::fs::read_to_string(root().join("rewrites/fatezero.ron"))
+        .unwrap()
+        .replacen(
+            "pass: \"invert\",",
+            "pass: \"invert\", steps: Some(Fraction(0.0, 0.5)),",
+            1,
+        );
+    let src = Source::parse(&text, std::path::Path::new("half.ron")).unwrap();
+    let pipe = Pipeline::open(&shapes_sd(), &device()).unwrap();
+    let mut called = false;
+    let e = rewire::video::edit_latents(
+        &pipe,
+        &options(),
+        Some(&src),
+        expected(&case(), "latents_0"),
+        |_, _, _| called = true,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(!called, "refused before the first step");
+    assert!(
+        e.contains("read at timestep 951") && e.contains("written only at timesteps"),
         "{e}"
     );
 }

@@ -65,8 +65,9 @@ pub struct CompileOptions {
     pub frames: Option<usize>,
     /// Names of the reference passes a run provides; `None`: not checked (`rewire check`).
     pub references: Option<Vec<String>>,
-    /// The pass of a multi-pass job this compile is for (rewrites of other passes are
-    /// validated but not applied); `None`: the recipe's last pass, or the only one.
+    /// The pass of a multi-pass job this compile is for (rewrites of other passes are not
+    /// applied; they are validated only to find their layers, for the state check); `None`:
+    /// the recipe's last pass, or the only one.
     pub pass: Option<String>,
     /// The job's passes in order (`["invert", "edit"]` for `rewire video edit`); empty: the
     /// passes the recipe names, in the order they first appear.
@@ -256,7 +257,7 @@ pub fn compile_graph(
     let mut lands: Vec<Option<Vec<usize>>> = vec![None; recipe.rewrites.len()];
     for (i, rw) in recipe.rewrites.iter().enumerate() {
         if !here(i) {
-            let (mut w, mut u, mut c) = (weights.clone(), Vec::new(), None);
+            let (mut w, mut u, mut c) = (vec![None; recipe.rewrites.len()], Vec::new(), None);
             lands[i] = validate::rewrite(src, base, &layers, opts, i, rw, &mut w, &mut u, &mut c)
                 .ok()
                 .map(|(chosen, _)| chosen);

@@ -68,7 +68,7 @@ impl Slot {
             SlotKind::Store {
                 reduce: crate::recipe::Reduce::Each,
             } => {
-                "every step's maps kept on the device for the later pass that reads them at the same timestep; freed when the job ends"
+                "every step's maps kept (on the device, or in the spill file with on: Disk) for the later pass that reads them at the same timestep; freed when the job ends"
             }
             SlotKind::Store { .. } => "written out with the results when the run ends",
             SlotKind::Reference { .. } => "freed when the denoising loop ends",
@@ -97,7 +97,7 @@ pub fn slots(c: &Compiled) -> Vec<Slot> {
     for (name, reduce) in &c.stores {
         // The store's shape and the steps that write it, from the segments that output it.
         let mut shape = None;
-        let mut writes = Some(0);
+        let mut writes: Option<usize> = Some(0);
         for s in &c.segments {
             let found = s
                 .graph
@@ -108,8 +108,8 @@ pub fn slots(c: &Compiled) -> Vec<Slot> {
             if let Some(sh) = found {
                 shape = Some(sh);
                 writes = match (writes, s.steps, steps) {
-                    (Some(w), Some((a, b)), _) => Some(w + b - a),
-                    (Some(w), None, Some(n)) => Some(w + n),
+                    (Some(w), Some((a, b)), _) => Some(w.saturating_add(b.saturating_sub(a))),
+                    (Some(w), None, Some(n)) => Some(w.saturating_add(n)),
                     _ => None,
                 };
             }
@@ -118,7 +118,7 @@ pub fn slots(c: &Compiled) -> Vec<Slot> {
         let per_step = shape.iter().product::<usize>() * 4;
         // `reduce: Each` keeps every step's maps; the others one tensor.
         let bytes = match (reduce, writes) {
-            (crate::recipe::Reduce::Each, Some(w)) => per_step * w,
+            (crate::recipe::Reduce::Each, Some(w)) => per_step.saturating_mul(w),
             _ => per_step,
         };
         out.push(Slot {

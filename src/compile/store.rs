@@ -2,8 +2,9 @@
 //! the last step's maps, their mean over the steps the rewrite was active in (prompt-to-prompt's
 //! AttentionStore), or their sum.
 //!
-//! The maps a later pass reads ([`Stored`], named state) stay on the device: every step's
-//! maps of a `reduce: Each` store by timestep, or a reduced store's result.
+//! The maps a later pass reads ([`Stored`], named state): every step's maps of a `reduce: Each`
+//! store by timestep (on the device, or in a spill file with `on: Disk`), or a reduced store's
+//! result.
 //!
 //! Try it: the text-to-image loop feeds every step's outputs to a [`StoreAccumulator`];
 //! `rewire video edit` keeps the inversion's [`Stored`] maps for the edit.
@@ -73,8 +74,8 @@ impl StoreAccumulator {
 }
 
 /// Maps a pass stored for later steps and passes to read (named state): by store name and
-/// layer, the maps of every timestep (`reduce: Each`) or one reduced tensor. They stay on the
-/// device.
+/// layer, the maps of every timestep (`reduce: Each`) or one reduced tensor, on the device or
+/// (`on: Disk`) in a spill file.
 #[derive(Clone, Default)]
 pub struct Stored {
     maps: BTreeMap<(String, String), Kept>,
@@ -147,13 +148,19 @@ pub enum StoredError {
         layer: String,
     },
     #[error(
-        "`{input}`: \"{name}\" holds no maps at timestep {t} (stored at {stored:?})\n  hint: a pass reads a `reduce: Each` store at its own timesteps: give both passes the same step count"
+        "`{input}`: \"{name}\" holds no maps at timestep {t} (stored at {stored:?})\n  hint: a pass reads a `reduce: Each` store at its own timesteps: the store must be written at every step the read is active in, with the same scheduler and step count"
     )]
     Timestep {
         input: String,
         name: String,
         t: f64,
         stored: Vec<f64>,
+    },
+    #[error("`{input}`: {message}\n  hint: {hint}")]
+    Mismatch {
+        input: String,
+        message: String,
+        hint: &'static str,
     },
     #[error(
         "`{input}`: the stored maps are {found:?}; the reading graph needs {expected:?}\n  hint: the passes' batches differ: the rewrite's branch must have as many items as the store recorded"
@@ -279,8 +286,8 @@ impl Stored {
             },
         };
         let found = v.dims();
-        let ok =
-            found.iter().product::<usize>() == shape.iter().product::<usize>() && shape.len() == 4;
+        // The same maps, with the row axis dropped when there is one row.
+        let ok = shape.len() == 4 && (found == shape || (shape[0] == 1 && found[..] == shape[1..]));
         if !ok {
             return Some(Err(StoredError::Shape {
                 input: input.into(),
@@ -322,6 +329,76 @@ impl Stored {
     pub fn slots(&self) -> impl Iterator<Item = (&str, &str)> {
         self.maps.keys().map(|(n, l)| (n.as_str(), l.as_str()))
     }
+}
+
+/// Checks, before a two-pass job runs, that every `stored.*` input of `later`'s graphs is an
+/// output of `earlier`'s graphs with rows and maps of the same shape, and that a `reduce: Each`
+/// store is written at every timestep the read is active at (`earlier_t`, `later_t`: the
+/// passes' timesteps by step).
+pub fn check_passes(
+    earlier: &super::Compiled,
+    earlier_t: &[f64],
+    later: &super::Compiled,
+    later_t: &[f64],
+) -> Result<(), StoredError> {
+    let steps = |r: Option<(usize, usize)>, n: usize| r.map_or(0..n, |(a, b)| a..b.min(n));
+    // (name, layer) → (shape, timesteps written)
+    let mut written: BTreeMap<(String, String), (Vec<usize>, Vec<f64>)> = BTreeMap::new();
+    for seg in &earlier.segments {
+        for (out, node) in seg.graph.outputs() {
+            let Some((name, layer)) = Key::parse(&out).store_parts() else {
+                continue;
+            };
+            let e = written
+                .entry((name.to_string(), layer.to_string()))
+                .or_insert_with(|| (seg.graph.g[node].shape.clone(), Vec::new()));
+            e.1.extend(steps(seg.steps, earlier_t.len()).filter_map(|i| earlier_t.get(i)));
+        }
+    }
+    for seg in &later.segments {
+        for (input, node) in seg.graph.inputs() {
+            let Key::Stored { name, layer } = Key::parse(&input) else {
+                continue;
+            };
+            let shape = &seg.graph.g[node].shape;
+            let Some((found, at)) = written.get(&(name.to_string(), layer.to_string())) else {
+                return Err(StoredError::Missing {
+                    input: input.clone(),
+                    name: name.into(),
+                    layer: layer.into(),
+                });
+            };
+            let fits = found == shape || (shape.first() == Some(&1) && found[..] == shape[1..]);
+            if !fits {
+                return Err(StoredError::Shape {
+                    input: input.clone(),
+                    found: found.clone(),
+                    expected: shape.clone(),
+                });
+            }
+            let each = earlier.stores.iter().any(|(k, r)| {
+                *r == Reduce::Each && Key::parse(k).store_parts() == Some((name, layer))
+            });
+            if each {
+                let need: Vec<f64> = steps(seg.steps, later_t.len())
+                    .filter_map(|i| later_t.get(i).copied())
+                    .collect();
+                if let Some(t) = need
+                    .iter()
+                    .find(|t| !at.iter().any(|s| (*s - **t).abs() < 1e-6))
+                {
+                    return Err(StoredError::Mismatch {
+                        input: input.clone(),
+                        message: format!(
+                            "read at timestep {t}, but \"{name}\" is written only at timesteps {at:?}"
+                        ),
+                        hint: "a `reduce: Each` store is read at the reading step's own timestep: store at every step the read is active in (widen the store's steps or narrow the read's)",
+                    });
+                }
+            }
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -48,10 +48,69 @@ pub(super) fn passes(
             )
             .into());
     }
+    // A run of a job without passes cannot run a recipe that names them: it would drop the
+    // other passes' rewrites.
+    if opts.passes.is_empty()
+        && opts.pass.is_none()
+        && opts.references.is_some()
+        && let Some((i, _)) = named.first()
+    {
+        return Err(src
+            .error(
+                &at(*i, &[Seg::Field("pass")]),
+                "pass",
+                format!(
+                    "this recipe's rewrites name passes ({}), and this job runs one pass",
+                    passes.join(", ")
+                ),
+                "run it with the job that runs those passes (`rewire video edit` runs \"invert\" then \"edit\"), or compile one pass with --pass NAME",
+            )
+            .into());
+    }
     let pass = match &opts.pass {
+        Some(p) if !passes.contains(p) => {
+            let (i, _) = named.first().copied().unwrap_or((0, p));
+            return Err(src
+                .error(
+                    &at(i, &[Seg::Field("pass")]),
+                    "pass",
+                    format!("no pass \"{p}\" in this job"),
+                    if passes.is_empty() {
+                        "the recipe's rewrites name no pass: leave --pass out".to_string()
+                    } else {
+                        format!("the passes are {}", passes.join(", "))
+                    },
+                )
+                .into());
+        }
         Some(p) => Some(p.clone()),
         None => passes.last().cloned(),
     };
+    // A `reduce: Each` store keeps every step's maps for a later pass: with none after it, it
+    // would hold them for nothing.
+    for (i, r) in rewrites.iter().enumerate() {
+        if let RewriteOp::Store {
+            reduce: Reduce::Each,
+            ..
+        } = r.op
+        {
+            let last = passes.last().map(String::as_str);
+            let useless = match r.pass.as_deref() {
+                None => passes.len() < 2,
+                Some(p) => Some(p) == last,
+            };
+            if useless {
+                return Err(src
+                    .error(
+                        &at(i, &[Seg::Field("op"), Seg::Field("reduce")]),
+                        "store",
+                        "reduce: Each keeps every step's maps for a later pass to read, and no pass runs after this one",
+                        "put the store in an earlier pass (pass: \"invert\" for `rewire video edit`), or reduce the steps to maps a run writes out: Last, Mean or Sum",
+                    )
+                    .into());
+            }
+        }
+    }
     Ok((passes, pass))
 }
 
@@ -130,7 +189,9 @@ pub(super) fn check_reads(
                     what: StoreWhat::HeadMean,
                     ..
                 }
-            )
+            ) && lands[w]
+                .as_ref()
+                .is_some_and(|l| l.iter().any(|j| reads.contains(j)))
         }) {
             return Err(src
                 .error(

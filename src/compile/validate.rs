@@ -288,8 +288,24 @@ pub(super) fn rewrite(
             max_queries,
             on,
             reduce,
+            name,
             ..
         } => {
+            let ok = !name.is_empty()
+                && name.len() <= 64
+                && name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
+            if !ok {
+                return Err(src
+                    .error(
+                        &at(i, &[Seg::Field("op"), Seg::Field("name")]),
+                        "store",
+                        format!("store name \"{name}\" is not a plain name"),
+                        "name a store with letters, digits, _ and - (at most 64), e.g. \"inv\"",
+                    )
+                    .into());
+            }
             if *on == crate::recipe::StoreOn::Disk && *reduce != crate::recipe::Reduce::Each {
                 return Err(src
                     .error(
