@@ -128,6 +128,20 @@ pub fn encode(
     Ok(HostTensor::new(vec![n, c, lh, lw], z.data))
 }
 
+/// The dims of latents `[F, C, h, w]`, or the error naming what they are.
+pub fn latents_dims(pipe: &Pipeline, latents: &HostTensor) -> Result<[usize; 4], PipelineError> {
+    match latents.shape[..] {
+        [n, c, h, w] => Ok([n, c, h, w]),
+        _ => Err(PipelineError::Latents {
+            found: latents.shape.clone(),
+            batch: 1,
+            channels: pipe.unet.resolved.in_channels,
+            height: 0,
+            width: 0,
+        }),
+    }
+}
+
 /// Inverts latents `[F, C, h, w]` (already encoded) under the prompt.
 pub fn invert_latents(
     pipe: &Pipeline,
@@ -148,15 +162,7 @@ pub fn invert_with(
     compiled: Option<&crate::compile::Compiled>,
     mut progress: impl FnMut(usize, usize),
 ) -> Result<Inversion, PipelineError> {
-    let [n, c, lh, lw] = latents_0.shape[..] else {
-        return Err(PipelineError::Latents {
-            found: latents_0.shape.clone(),
-            batch: 1,
-            channels: pipe.unet.resolved.in_channels,
-            height: 0,
-            width: 0,
-        });
-    };
+    let [n, c, lh, lw] = latents_dims(pipe, &latents_0)?;
     let f = pipe.vae.downsample_factor();
     let run = opts.run_options(n, lw * f, lh * f);
     let spec = pipe.unet_spec(&run)?;

@@ -146,15 +146,7 @@ pub fn edit_latents(
     latents_0: HostTensor,
     progress: impl FnMut(&str, usize, usize),
 ) -> Result<Edited, PipelineError> {
-    let [n, _, lh, lw] = latents_0.shape[..] else {
-        return Err(PipelineError::Latents {
-            found: latents_0.shape.clone(),
-            batch: 1,
-            channels: pipe.unet.resolved.in_channels,
-            height: 0,
-            width: 0,
-        });
-    };
+    let [n, _, lh, lw] = crate::invert::latents_dims(pipe, &latents_0)?;
     let job = prepare(pipe, opts, recipe, n, lh, lw)?;
     run_prepared(pipe, opts, job, latents_0, progress)
 }

@@ -316,37 +316,29 @@ fn a_read_needs_an_earlier_write() {
         .replace("pass: \"invert\"", "pass: \"X\"")
         .replace("pass: \"edit\"", "pass: \"invert\"")
         .replace("pass: \"X\"", "pass: \"edit\"");
-    let src = Source::parse(&swapped, std::path::Path::new("fz.ron")).unwrap();
-    let e = compile_graph(&src, &base, &opts("invert"))
-        .unwrap_err()
-        .to_string();
+    let error = |text: &str, pass: &str| {
+        let src = Source::parse(text, std::path::Path::new("fz.ron")).unwrap();
+        compile_graph(&src, &base, &opts(pass))
+            .unwrap_err()
+            .to_string()
+    };
     // The store is in the last pass: nothing could read it, and the read has no write before.
+    let e = error(&swapped, "invert");
     assert!(
         e.contains("fz.ron:3:") && e.contains("no pass runs after this one"),
         "{e}"
     );
     // A name no Store writes.
-    let src = Source::parse(
+    let e = error(
         &text.replace("Stored(\"inv\")", "Stored(\"other\")"),
-        std::path::Path::new("fz.ron"),
-    )
-    .unwrap();
-    let e = compile_graph(&src, &base, &opts("edit"))
-        .unwrap_err()
-        .to_string();
+        "edit",
+    );
     assert!(
         e.contains("Stored(\"other\")") && e.contains("no Store(name: \"other\")"),
         "{e}"
     );
     // A pass the job does not have.
-    let src = Source::parse(
-        &text.replace("\"edit\"", "\"editt\""),
-        std::path::Path::new("fz.ron"),
-    )
-    .unwrap();
-    let e = compile_graph(&src, &base, &opts("edit"))
-        .unwrap_err()
-        .to_string();
+    let e = error(&text.replace("\"edit\"", "\"editt\""), "edit");
     assert!(
         e.contains("pass \"editt\" is not a pass of this job"),
         "{e}"
