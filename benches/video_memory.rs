@@ -37,7 +37,11 @@ fn main() {
     let tmp = tempfile::tempdir().unwrap();
     let recipe = std::fs::read_to_string(root.join("rewrites/fatezero.ron")).unwrap();
     let disk = tmp.path().join("fatezero_disk.ron");
-    std::fs::write(&disk, recipe.replace("reduce: Each)", "reduce: Each, on: Disk)")).unwrap();
+    std::fs::write(
+        &disk,
+        recipe.replace("reduce: Each)", "reduce: Each, on: Disk)"),
+    )
+    .unwrap();
     println!("| frames | stores | seconds | peak RSS | stored in memory | on disk |");
     println!("|---|---|---|---|---|---|");
     for &n in &counts {
@@ -49,7 +53,13 @@ fn main() {
             cmd.args(["video", "edit"])
                 .arg(root.join("models/shapes-sd"))
                 .arg(&frames)
-                .args(["--source-prompt", "a red circle", "--prompt", "a blue circle", "-o"])
+                .args([
+                    "--source-prompt",
+                    "a red circle",
+                    "--prompt",
+                    "a blue circle",
+                    "-o",
+                ])
                 .arg(&out);
             if let Some(r) = recipe {
                 cmd.arg("--recipe").arg(r);
@@ -59,7 +69,10 @@ fn main() {
             let secs = t0.elapsed().as_secs_f64();
             let err = String::from_utf8_lossy(&o.stderr);
             if !o.status.success() {
-                println!("| {n} | {what} | failed: {} |", err.trim().replace('\n', " "));
+                println!(
+                    "| {n} | {what} | failed: {} |",
+                    err.trim().replace('\n', " ")
+                );
                 continue;
             }
             // "…; stored maps: X MiB in memory, Y MiB on disk; peak RSS Z MiB"
