@@ -1,5 +1,6 @@
 //! Reading the tensors of one UNet forward from a safetensors file and deriving the
-//! [`InputSpec`] they imply.
+//! [`InputSpec`] they imply; the other files commands read and write: pictures (one, or a clip's
+//! frames), initial latents, an inversion's latents.
 //!
 //! Try it: `rewire forward models/tiny-sd --inputs tests/fixtures/unet_cases/baseline.safetensors --out /tmp/out.safetensors`.
 
@@ -20,6 +21,22 @@ pub enum InputError {
         name: String,
         found: Vec<usize>,
         expected: String,
+    },
+    #[error("--image {path}: cannot read the picture")]
+    Picture {
+        path: PathBuf,
+        #[source]
+        source: image::ImageError,
+    },
+    #[error(transparent)]
+    Video(#[from] crate::video::VideoError),
+    #[error("{path}: no {wanted} tensor{}", .others.as_ref().map_or(String::new(), |o| format!(", and more than one tensor ({o})")))]
+    Latents {
+        path: PathBuf,
+        /// The names looked for, as "`a` or `b`".
+        wanted: String,
+        /// The file's tensors, when one alone would have been taken.
+        others: Option<String>,
     },
 }
 
@@ -88,4 +105,90 @@ pub fn read_from(files: &TensorFiles, path: &Path) -> Result<ForwardInputs, Inpu
         spec.time_ids = ids.shape[1];
     }
     Ok(ForwardInputs { spec, tensors })
+}
+
+/// The names `rewire run --latents` looks for, in order (else the file's only tensor).
+pub const RUN_LATENTS: [&str; 2] = ["latents", "latents_in"];
+/// The names `rewire video generate --latents` looks for, in order.
+pub const CLIP_LATENTS: [&str; 2] = ["latents", "x_T"];
+
+/// Initial latents: the first of `names` the file holds, else (with `only_tensor`) the file's
+/// only tensor.
+pub fn read_latents(
+    path: &Path,
+    names: &[&str],
+    only_tensor: bool,
+) -> Result<HostTensor, InputError> {
+    let f = TensorFiles::open(path)?;
+    let all: Vec<&str> = f.names().collect();
+    let name = names
+        .iter()
+        .copied()
+        .find(|n| f.contains(n))
+        .or(if only_tensor && all.len() == 1 {
+            Some(all[0])
+        } else {
+            None
+        })
+        .ok_or_else(|| InputError::Latents {
+            path: path.into(),
+            wanted: names
+                .iter()
+                .map(|n| format!("`{n}`"))
+                .collect::<Vec<_>>()
+                .join(" or "),
+            others: only_tensor.then(|| all.join(", ")),
+        })?
+        .to_string();
+    let (shape, data) = f.read_f32(&name)?;
+    Ok(HostTensor::new(shape, data))
+}
+
+/// A picture as `[H, W, 3]` in [0, 1].
+pub fn read_image(path: &Path) -> Result<HostTensor, InputError> {
+    let img = image::open(path)
+        .map_err(|source| InputError::Picture {
+            path: path.into(),
+            source,
+        })?
+        .to_rgb8();
+    let (w, h) = img.dimensions();
+    let data = img.as_raw().iter().map(|&v| v as f32 / 255.0).collect();
+    Ok(HostTensor::new(vec![h as usize, w as usize, 3], data))
+}
+
+/// The pictures of `path`: one picture, or the frames of a clip (a folder of PNGs sorted by
+/// name, or an animated GIF).
+pub fn read_pictures(path: &Path) -> Result<Vec<HostTensor>, InputError> {
+    if path.is_dir() || crate::preflight::has_extension(path, "gif") {
+        return Ok(crate::video::read_frames(path, 1)?);
+    }
+    Ok(vec![read_image(path)?])
+}
+
+/// Writes an inversion's `latents`, `latents_per_step` (`[steps, F, C, h, w]`) and
+/// `latents_0` to `path` (whole or not at all).
+pub fn write_inversion(path: &Path, inv: &crate::invert::Inversion) -> Result<(), InputError> {
+    let last = inv.latents();
+    let mut per_step_shape = vec![inv.latents_per_step.len()];
+    per_step_shape.extend(&last.shape);
+    let tensors = vec![
+        ("latents".to_string(), last.shape.clone(), last.data.clone()),
+        (
+            "latents_per_step".to_string(),
+            per_step_shape,
+            inv.latents_per_step
+                .iter()
+                .flat_map(|t| t.data.iter().copied())
+                .collect(),
+        ),
+        (
+            "latents_0".to_string(),
+            inv.latents_0.shape.clone(),
+            inv.latents_0.data.clone(),
+        ),
+    ];
+    let bytes = crate::weights::encode_f32(path, &tensors)?;
+    crate::weights::write_atomic(path, &bytes).map_err(|e| crate::weights::write_error(path, e))?;
+    Ok(())
 }
