@@ -237,6 +237,21 @@ fn reference_that_no_pass_records() {
     assert!(e.contains("the passes of this run are: reference"), "{e}");
 }
 
+/// `Stored("name")` is the named-state spelling of the same source: one value, the same
+/// located error.
+#[test]
+fn stored_kv_is_the_reference_source() {
+    let a: rewire::recipe::KvSource = ron::from_str("Stored(\"reference\")").unwrap();
+    let b: rewire::recipe::KvSource = ron::from_str("Reference(\"reference\")").unwrap();
+    assert_eq!(a, b);
+    assert_eq!(a, rewire::recipe::KvSource::Stored("reference".into()));
+    let r = one(
+        "Rewrite(select: Select(kind: Some(Self)), branch: Both, op: ReplaceKv(source: Stored(\"style\")))",
+    );
+    let e = error(&r, 2, None, Some(vec!["reference".into()]));
+    assert_at(&e, &r, "Stored(", "no pass records reference \"style\"");
+}
+
 #[test]
 fn merge_and_replace_kv_on_one_layer_need_an_order() {
     let r = "Recipe(\n    name: \"t\",\n    rewrites: [\n        Rewrite(select: Select(kind: Some(Self)), branch: Both, op: ReplaceKv(source: Frames([First]))),\n        Rewrite(select: Select(kind: Some(Self), max_downsample: Some(1)), branch: Both, op: MergeKv(ratio: 0.5)),\n    ],\n)\n";

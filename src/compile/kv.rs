@@ -67,7 +67,7 @@ pub(super) fn apply_kv(
             )
         }
         RewriteOp::ReplaceKv {
-            source: crate::recipe::KvSource::Reference(name),
+            source: crate::recipe::KvSource::Stored(name),
             mode,
             ..
         } => {

@@ -393,11 +393,11 @@ pub fn compile_graph(
                 )),
                 (
                     RewriteOp::ReplaceKv {
-                        source: crate::recipe::KvSource::Reference(x),
+                        source: crate::recipe::KvSource::Stored(x),
                         ..
                     },
                     RewriteOp::ReplaceKv {
-                        source: crate::recipe::KvSource::Reference(y),
+                        source: crate::recipe::KvSource::Stored(y),
                         ..
                     },
                 ) if x == y => Some(format!(
@@ -426,7 +426,7 @@ pub fn compile_graph(
                     && matches!(
                         r.op,
                         RewriteOp::ReplaceKv {
-                            source: crate::recipe::KvSource::Reference(_),
+                            source: crate::recipe::KvSource::Stored(_),
                             ..
                         }
                     )

@@ -486,7 +486,7 @@ pub(super) fn rewrite(
                             .into());
                     }
                 }
-                crate::recipe::KvSource::Reference(name) => {
+                crate::recipe::KvSource::Stored(name) => {
                     if let Some(refs) = &opts.references
                         && !refs.contains(name)
                     {
@@ -509,7 +509,7 @@ pub(super) fn rewrite(
                             .error(
                                 &at(i, &[Seg::Field("branch")]),
                                 "branch",
-                                "Reference K/V apply to the whole batch",
+                                "K/V stored by another pass apply to the whole batch",
                                 "set branch: Both",
                             )
                             .into());

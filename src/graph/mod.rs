@@ -883,18 +883,21 @@ impl Op {
             }
             Op::KvGather { index } => {
                 let x = inputs[0];
+                // Every source lists one input item per output item (the output may have
+                // fewer or more items than the input: a window's carried frames).
                 want(
                     x.len() == 3
                         && !index.is_empty()
+                        && !index[0].is_empty()
                         && index
                             .iter()
-                            .all(|ix| ix.len() == x[0] && ix.iter().all(|&i| i < x[0])),
+                            .all(|ix| ix.len() == index[0].len() && ix.iter().all(|&i| i < x[0])),
                     format!(
                         "input {x:?} does not fit a gather over {} sources",
                         index.len()
                     ),
                 )?;
-                Ok(vec![x[0], x[1] * index.len(), x[2]])
+                Ok(vec![index[0].len(), x[1] * index.len(), x[2]])
             }
             Op::TomeMatch {
                 grid, sx, sy, r, ..

@@ -297,8 +297,11 @@ impl FrameSrc {
 pub enum KvSource {
     /// Other frames of the batch, concatenated along the sequence in the order given.
     Frames(Vec<FrameSrc>),
-    /// The K/V input recorded at the same layer by a named reference pass.
-    Reference(String),
+    /// Named state: the K/V input recorded at the same layer by an earlier pass of the job
+    /// (`Stored("reference")`: the reference pass, run on the reference image). `Reference(..)`
+    /// is the older spelling of the same source.
+    #[serde(alias = "Reference")]
+    Stored(String),
 }
 
 /// Whether replaced K/V stand alone or are joined to the layer's own.
