@@ -16,6 +16,7 @@ pub mod graph;
 pub mod invert;
 pub mod io;
 pub mod limits;
+pub mod ops;
 pub mod picture;
 pub mod pipeline;
 pub mod preflight;

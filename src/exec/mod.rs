@@ -13,7 +13,14 @@ pub(crate) mod kernels;
 pub mod simd;
 pub mod tome;
 
+pub mod finite;
+pub mod options;
+
+pub use finite::{FiniteCheck, set_default_finite_check};
 pub use kernels::{AttentionImpl, Kernel, Value, attend};
+pub use options::{LowerOptions, WeightDtype};
+
+use finite::{block_of, default_finite_check, unreachable_finite, value_finite};
 
 use crate::graph::{Graph, GraphError, Op};
 use crate::weights::{WeightError, WeightSource};
@@ -52,105 +59,9 @@ pub enum ExecError {
     },
 }
 
-/// When a plan checks its values for NaN and ±Inf.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum FiniteCheck {
-    /// Never (benchmarks).
-    Off,
-    /// The inputs, the last node of each block (`down_blocks.N`, `mid_block`, `up_blocks.N`, ...)
-    /// and the outputs; when one fails, the run is repeated with every node checked to name the
-    /// first node that produced the value. The cost is one reduction per block.
-    #[default]
-    Boundaries,
-    /// Every node (`--check-finite`).
-    EveryNode,
-}
-
-static DEFAULT_CHECK: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(1);
-
-/// Sets the [`FiniteCheck`] of plans lowered from now on (the CLI's `--check-finite`).
-pub fn set_default_finite_check(c: FiniteCheck) {
-    let v = match c {
-        FiniteCheck::Off => 0,
-        FiniteCheck::Boundaries => 1,
-        FiniteCheck::EveryNode => 2,
-    };
-    DEFAULT_CHECK.store(v, std::sync::atomic::Ordering::Relaxed);
-}
-
-fn default_finite_check() -> FiniteCheck {
-    match DEFAULT_CHECK.load(std::sync::atomic::Ordering::Relaxed) {
-        0 => FiniteCheck::Off,
-        2 => FiniteCheck::EveryNode,
-        _ => FiniteCheck::Boundaries,
-    }
-}
-
-/// The block a node path belongs to (`down_blocks.1`, `mid_block`, `conv_in`, ...).
-fn block_of(path: &str) -> &str {
-    let mut dots = path.match_indices('.').map(|(i, _)| i);
-    match (
-        path.starts_with("down_blocks.") || path.starts_with("up_blocks."),
-        dots.nth(1),
-    ) {
-        (true, Some(i)) => &path[..i],
-        _ => path.split('.').next().unwrap_or(path),
-    }
-}
-
-fn value_finite(v: &Value) -> bool {
-    fn ok<const D: usize>(t: &Tensor<D>) -> bool {
-        !t.clone().is_finite().bool_not().any().into_scalar::<bool>()
-    }
-    match v {
-        Value::R1(t) => ok(t),
-        Value::R2(t) => ok(t),
-        Value::R3(t) => ok(t),
-        Value::R4(t) => ok(t),
-        Value::Plan(_) => true,
-    }
-}
-
 /// Kernels with weights already on the device, by node path and op.
 #[derive(Debug, Default)]
 pub struct KernelCache(HashMap<String, Kernel>);
-
-/// Options that pick kernels at lowering time.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct LowerOptions {
-    pub attention: AttentionImpl,
-    /// How the linear and convolution weights are held on the device.
-    pub weights: WeightDtype,
-}
-
-/// How linear and convolution weights (nearly all of a UNet's parameters) are held on the
-/// device. Computation is f32 either way: a half-precision weight is widened to f32 where it is
-/// used, so an f16 checkpoint held as `F16` gives the same results as `F32` (widening is exact)
-/// in half the weight memory, for one conversion per use.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub enum WeightDtype {
-    /// f32 (the default: fastest).
-    #[default]
-    F32,
-    /// IEEE half precision: exact for f16 checkpoints.
-    F16,
-    /// bfloat16: exact for bf16 checkpoints.
-    Bf16,
-}
-
-impl std::str::FromStr for WeightDtype {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        match s.to_ascii_lowercase().as_str() {
-            "f32" | "float32" => Ok(WeightDtype::F32),
-            "f16" | "float16" | "fp16" => Ok(WeightDtype::F16),
-            "bf16" | "bfloat16" => Ok(WeightDtype::Bf16),
-            other => Err(format!(
-                "unknown weight dtype {other:?}: use f32, f16 or bf16"
-            )),
-        }
-    }
-}
 
 struct Step {
     label: String,
@@ -462,13 +373,13 @@ impl Plan {
             };
             if due && !value_finite(v) {
                 return Err(ExecError::NonFinite {
-                    path: if matches!(step.kernel, Kernel::Input) {
+                    path: if step.kernel.is_input() {
                         format!("input `{}`", step.path)
                     } else {
                         step.path.clone()
                     },
                     op: step.op.to_string(),
-                    hint: if matches!(step.kernel, Kernel::Input) {
+                    hint: if step.kernel.is_input() {
                         "the input holds NaN or Inf; check the inputs (or the previous step's output)"
                     } else {
                         "check this node's weights and inputs; an extreme rewrite weight, guidance or eps can overflow"
@@ -478,7 +389,7 @@ impl Plan {
             Ok(())
         };
         for (i, step) in self.steps.iter().enumerate() {
-            if matches!(step.kernel, Kernel::Input) {
+            if step.kernel.is_input() {
                 if let Some(v) = &slots[i] {
                     checked(step, v)?;
                 }
@@ -586,16 +497,6 @@ impl Plan {
     ) -> Result<HashMap<String, HostTensor>, ExecError> {
         Ok(self.run_with_state(given, State::new(), &[])?.0)
     }
-}
-
-/// A run that found a non-finite value at a block boundary and none at any node when repeated
-/// node by node: the backend is not deterministic about NaN, which is itself worth an error.
-fn unreachable_finite() -> Result<HashMap<String, Value>, ExecError> {
-    Err(ExecError::NonFinite {
-        path: "(a block boundary)".into(),
-        op: "unknown".into(),
-        hint: "a value was non-finite at a block boundary but no node produced it when rerun node by node; rerun with --check-finite",
-    })
 }
 
 /// Uploads host data as a rank-`D` tensor.
