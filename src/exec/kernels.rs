@@ -106,6 +106,8 @@ impl Value {
 }
 
 /// A lowered op: one variant per op family (see [`crate::ops`]).
+// Kernels are built once per plan and never moved in a hot loop: size does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone)]
 pub enum Kernel {
     Layout(LayoutKernel),

@@ -183,12 +183,12 @@ impl AttentionKernel {
     pub fn run(&self, mut args: Args) -> Value {
         match self {
             AttentionKernel::Attention { heads, imp } => {
-                let (q, k, v) = (args.next().r3(), args.next().r3(), args.next().r3());
+                let (q, k, v) = (args.take().r3(), args.take().r3(), args.take().r3());
                 Value::R3(attend_nan_safe(q, k, v, *heads, *imp))
             }
-            AttentionKernel::ScaleKeys(w) => Value::R3(args.next().r3() * w.clone()),
+            AttentionKernel::ScaleKeys(w) => Value::R3(args.take().r3() * w.clone()),
             AttentionKernel::AugmentQ { heads } => {
-                let q = args.next().r3();
+                let q = args.take().r3();
                 let [b, n, c] = q.dims();
                 let d = c / heads;
                 let q = q.reshape([b, n, *heads, d]) * (((d + 1) as f64) / d as f64).sqrt();
@@ -196,7 +196,7 @@ impl AttentionKernel {
                 Value::R3(Tensor::cat(vec![q, one], 3).reshape([b, n, heads * (d + 1)]))
             }
             AttentionKernel::AugmentK { heads, bias } => {
-                let k = args.next().r3();
+                let k = args.take().r3();
                 let [b, n, c] = k.dims();
                 let d = c / heads;
                 let k = k.reshape([b, n, *heads, d]);
@@ -204,7 +204,7 @@ impl AttentionKernel {
                 Value::R3(Tensor::cat(vec![k, extra], 3).reshape([b, n, heads * (d + 1)]))
             }
             AttentionKernel::KvGather { index } => {
-                let x = args.next().r3();
+                let x = args.take().r3();
                 let dev = x.device();
                 let parts: Vec<Tensor<3>> =
                     index.iter().map(|ix| pick(x.clone(), ix, &dev)).collect();

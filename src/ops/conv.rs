@@ -27,6 +27,8 @@ pub fn conv_weights(cin: usize, cout: usize, k: usize) -> Vec<(&'static str, Sha
 }
 
 /// A lowered convolution op.
+// Kernels are built once per plan and never moved in a hot loop: size does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone)]
 pub enum ConvKernel {
     Conv2d(ConvW),
@@ -234,10 +236,10 @@ impl Family for Conv {
 impl ConvKernel {
     pub fn run(&self, mut args: Args) -> Value {
         match self {
-            ConvKernel::Conv2d(c) => Value::R4(c.apply(args.next().r4())),
+            ConvKernel::Conv2d(c) => Value::R4(c.apply(args.take().r4())),
             ConvKernel::Resnet(r) => {
-                let x = args.next().r4();
-                let t = args.next().r2();
+                let x = args.take().r4();
+                let t = args.take().r2();
                 Value::R4(r.run(x, t))
             }
         }
@@ -299,7 +301,7 @@ impl ConvW {
         pad: [usize; 4],
         dev: &Device,
     ) -> Self {
-        let (wt, b) = (w.next(), w.next());
+        let (wt, b) = (w.take(), w.take());
         let w = if is_cpu(dev) {
             Held::new(
                 crate::exec::cpu_conv::pack_conv_weight(&wt, cout, cin, k),

@@ -83,7 +83,7 @@ impl Family for Embed {
 
 impl EmbedKernel {
     pub fn run(&self, mut args: Args) -> Value {
-        let t = args.next().r1();
+        let t = args.take().r1();
         let n = t.dims()[0];
         let t = t.reshape([n, 1]);
         let t = if n == self.batch {

@@ -122,19 +122,19 @@ impl LayoutKernel {
     pub fn run(&self, mut args: Args) -> Value {
         match self {
             LayoutKernel::Input => unreachable!("inputs are placed, not run"),
-            LayoutKernel::Output => args.next(),
+            LayoutKernel::Output => args.take(),
             LayoutKernel::ToTokens => {
-                let x = args.next().r4();
+                let x = args.take().r4();
                 let [b, c, h, w] = x.dims();
                 Value::R3(x.reshape([b, c, h * w]).swap_dims(1, 2))
             }
             LayoutKernel::ToImage { height, width } => {
-                let x = args.next().r3();
+                let x = args.take().r3();
                 let [b, _, c] = x.dims();
                 Value::R4(x.swap_dims(1, 2).reshape([b, c, *height, *width]))
             }
             LayoutKernel::Add { scale } => {
-                let (x, y) = (args.next(), args.next());
+                let (x, y) = (args.take(), args.take());
                 let s = *scale;
                 match (x, y) {
                     (Value::R2(x), Value::R2(y)) => Value::R2(scaled(x + y, s)),
@@ -144,18 +144,18 @@ impl LayoutKernel {
                     (x, y) => panic!("add of ranks {:?} and {:?}", x.dims(), y.dims()),
                 }
             }
-            LayoutKernel::Concat { axis } => match (args.next(), args.next()) {
+            LayoutKernel::Concat { axis } => match (args.take(), args.take()) {
                 (Value::R2(x), Value::R2(y)) => Value::R2(Tensor::cat(vec![x, y], *axis)),
                 (Value::R3(x), Value::R3(y)) => Value::R3(Tensor::cat(vec![x, y], *axis)),
                 (Value::R4(x), Value::R4(y)) => Value::R4(Tensor::cat(vec![x, y], *axis)),
                 (x, y) => panic!("concat of ranks {:?} and {:?}", x.dims(), y.dims()),
             },
             LayoutKernel::Upsample { height, width } => Value::R4(interpolate(
-                args.next().r4(),
+                args.take().r4(),
                 InterpolateOptions::new(InterpolateMode::Nearest)
                     .with_output_size([*height, *width]),
             )),
-            LayoutKernel::Reshape { shape } => reshape(args.next(), shape),
+            LayoutKernel::Reshape { shape } => reshape(args.take(), shape),
         }
     }
 }

@@ -27,6 +27,8 @@ pub fn linear_weights(i: usize, o: usize, bias: bool) -> Vec<(&'static str, Shap
 }
 
 /// A lowered linear op.
+// Kernels are built once per plan and never moved in a hot loop: size does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone)]
 pub enum LinearKernel {
     Linear(LinearW),
@@ -141,13 +143,13 @@ impl Family for Linear {
 impl LinearKernel {
     pub fn run(&self, mut args: Args) -> Value {
         match self {
-            LinearKernel::Linear(l) => match args.next() {
+            LinearKernel::Linear(l) => match args.take() {
                 Value::R2(x) => Value::R2(l.apply(x)),
                 Value::R3(x) => Value::R3(l.apply(x)),
                 v => panic!("linear on rank {}", v.dims().len()),
             },
             LinearKernel::FeedForward { proj, out } => {
-                let x = args.next().r3();
+                let x = args.take().r3();
                 if on_cpu(&x)
                     && let (Some(pw), Some(ow)) = (proj.w.host(), out.w.host())
                 {
@@ -205,14 +207,14 @@ impl LinearW {
 
     /// Takes the weights of [`linear_weights`] from `w`.
     pub(crate) fn take(w: &mut Weights, i: usize, o: usize, bias: bool, dev: &Device) -> Self {
-        let wt = w.next();
+        let wt = w.take();
         let mut t = vec![0f32; wt.len()];
         for r in 0..o {
             for c in 0..i {
                 t[c * o + r] = wt[r * i + c];
             }
         }
-        let bias = bias.then(|| w.next());
+        let bias = bias.then(|| w.take());
         LinearW {
             w: Held::new(t, [i, o], dev),
             b: bias.clone().map(|b| upload(&[o], b, dev)),

@@ -108,7 +108,7 @@ impl Weights {
     }
 
     /// The next weight of the list.
-    pub fn next(&mut self) -> Vec<f32> {
+    pub fn take(&mut self) -> Vec<f32> {
         self.items
             .next()
             .expect("a lowering takes exactly the weights of its op's list")
@@ -124,7 +124,7 @@ impl Args {
     }
 
     /// The next input.
-    pub fn next(&mut self) -> Value {
+    pub fn take(&mut self) -> Value {
         self.0
             .next()
             .expect("arity checked when the graph was built")

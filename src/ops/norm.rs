@@ -98,8 +98,8 @@ impl Family for Norm {
                 eps,
             } => NormKernel::GroupNorm(GroupNormW::take(w, *groups, *channels, *eps, dev)),
             Op::LayerNorm { dim, eps } => NormKernel::LayerNorm {
-                gamma: upload(&[*dim], w.next(), dev),
-                beta: upload(&[*dim], w.next(), dev),
+                gamma: upload(&[*dim], w.take(), dev),
+                beta: upload(&[*dim], w.take(), dev),
                 eps: *eps,
             },
             Op::Silu => NormKernel::Silu,
@@ -111,14 +111,14 @@ impl Family for Norm {
 impl NormKernel {
     pub fn run(&self, mut args: Args) -> Value {
         match self {
-            NormKernel::GroupNorm(g) => Value::R4(g.apply(args.next().r4())),
+            NormKernel::GroupNorm(g) => Value::R4(g.apply(args.take().r4())),
             NormKernel::LayerNorm { gamma, beta, eps } => Value::R3(layer_norm(
-                args.next().r3(),
+                args.take().r3(),
                 gamma.clone(),
                 Some(beta.clone()),
                 *eps,
             )),
-            NormKernel::Silu => match args.next() {
+            NormKernel::Silu => match args.take() {
                 Value::R2(x) => Value::R2(silu(x)),
                 Value::R3(x) => Value::R3(silu(x)),
                 Value::R4(x) => Value::R4(silu(x)),
@@ -156,7 +156,7 @@ impl GroupNormW {
 
     /// Takes the weights of [`norm_weights`] from `w`.
     pub(crate) fn take(w: &mut Weights, groups: usize, c: usize, eps: f64, dev: &Device) -> Self {
-        let (gamma, beta) = (w.next(), w.next());
+        let (gamma, beta) = (w.take(), w.take());
         GroupNormW {
             groups,
             eps,

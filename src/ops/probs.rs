@@ -17,6 +17,8 @@ use burn::tensor::{Device, Tensor};
 pub struct Probs;
 
 /// A lowered probabilities op.
+// Kernels are built once per plan and never moved in a hot loop: size does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone)]
 pub enum ProbsKernel {
     AttnProbs {
@@ -207,7 +209,7 @@ impl ProbsKernel {
     pub fn run(&self, mut args: Args) -> Value {
         match self {
             ProbsKernel::AttnProbs { heads, items } => {
-                let (q, k) = (args.next().r3(), args.next().r3());
+                let (q, k) = (args.take().r3(), args.take().r3());
                 let dev = q.device();
                 let (q, k) = (pick(q, items, &dev), pick(k, items, &dev));
                 let d = q.dims()[2] / heads;
@@ -216,7 +218,7 @@ impl ProbsKernel {
                 Value::R4(burn::tensor::activation::softmax(s, 3))
             }
             ProbsKernel::ProbsReweight { weights, renorm } => {
-                let p = args.next().r4() * weights.clone();
+                let p = args.take().r4() * weights.clone();
                 Value::R4(match renorm {
                     None => p,
                     Some(m) => {
@@ -227,7 +229,7 @@ impl ProbsKernel {
                 })
             }
             ProbsKernel::ProbsReplace { from, to } => {
-                let p = args.next().r4();
+                let p = args.take().r4();
                 let n = p.dims()[0];
                 let idx: Vec<usize> = (0..n).map(|r| if r == *to { *from } else { r }).collect();
                 let dev = p.device();
@@ -235,8 +237,8 @@ impl ProbsKernel {
             }
             ProbsKernel::ProbsSet { rows } => {
                 // Rows of [p; stored] picked: row r is stored row k where rows[k] = r.
-                let p = args.next().r4();
-                let s = args.next().r4();
+                let p = args.take().r4();
+                let s = args.take().r4();
                 let n = p.dims()[0];
                 let idx: Vec<usize> = (0..n)
                     .map(|r| rows.iter().position(|&x| x == r).map_or(r, |k| n + k))
@@ -245,7 +247,7 @@ impl ProbsKernel {
                 Value::R4(pick(Tensor::cat(vec![p, s], 0), &idx, &dev))
             }
             ProbsKernel::ProbsStore { rows, head_mean } => {
-                let p = args.next().r4();
+                let p = args.take().r4();
                 let dev = p.device();
                 let p = pick(p, rows, &dev);
                 let [r, h, nq, nk] = p.dims();
@@ -258,10 +260,10 @@ impl ProbsKernel {
             }
             ProbsKernel::AttnMix { heads, items } => {
                 let (q, k, v, p) = (
-                    args.next().r3(),
-                    args.next().r3(),
-                    args.next().r3(),
-                    args.next().r4(),
+                    args.take().r3(),
+                    args.take().r3(),
+                    args.take().r3(),
+                    args.take().r4(),
                 );
                 let dev = q.device();
                 let [b, nq, _] = q.dims();

@@ -105,17 +105,17 @@ impl TomeKernel {
                 r,
                 seed,
             } => {
-                let m = args.next().r3();
+                let m = args.take().r3();
                 Value::Plan(Arc::new(crate::exec::tome::plan(
                     m, *grid, *sx, *sy, *r, *seed,
                 )))
             }
             TomeKernel::Merge => {
-                let (x, p) = (args.next().r3(), args.next().plan());
+                let (x, p) = (args.take().r3(), args.take().plan());
                 Value::R3(p.merge(x))
             }
             TomeKernel::Unmerge => {
-                let (y, p) = (args.next().r3(), args.next().plan());
+                let (y, p) = (args.take().r3(), args.take().plan());
                 Value::R3(p.unmerge(y))
             }
         }
