@@ -1,6 +1,7 @@
 //! The binary's arguments (part of `rewire`'s command line, not of the library): the flags of
 //! `run`, `forward`, `invert`, `profile`, the video commands and the recipe commands' shapes.
-//! `main.rs` holds the commands and what each prints.
+//! `main.rs` (the command line) and `commands.rs` (the commands that run models) hold the
+//! commands and what each prints.
 //!
 //! Try it: `cargo run --release -- run --help`.
 
