@@ -1,6 +1,7 @@
 //! The binary's arguments (part of `rewire`'s command line, not of the library): the flags of
 //! `run`, `forward`, `invert`, `profile`, the video commands and the recipe commands' shapes.
-//! `main.rs` holds the commands and what each prints.
+//! `main.rs` (the command line) and `commands.rs` (the commands that run models) hold the
+//! commands and what each prints.
 //!
 //! Try it: `cargo run --release -- run --help`.
 
@@ -8,10 +9,30 @@ use clap::ValueEnum;
 use rewire::shape::Shape;
 use std::path::PathBuf;
 
+/// The flags `video generate` and `video edit` share (flattened into both, so the flag names,
+/// defaults and help stay one).
 #[derive(clap::Args)]
-pub struct VideoEditArgs {
+pub struct VideoCommonArgs {
     /// A diffusers pipeline folder.
     pub model: PathBuf,
+    /// The negative prompt (default "").
+    #[arg(long)]
+    pub negative: Option<String>,
+    #[arg(long, default_value_t = 20)]
+    pub steps: usize,
+    #[arg(long, default_value_t = 7.5)]
+    pub guidance: f32,
+    /// Milliseconds per frame in the GIF.
+    #[arg(long, default_value_t = 125)]
+    pub delay: u32,
+    #[arg(long, default_value = "flex")]
+    pub device: String,
+}
+
+#[derive(clap::Args)]
+pub struct VideoEditArgs {
+    #[command(flatten)]
+    pub common: VideoCommonArgs,
     /// The clip: a folder of PNGs (sorted by name) or an animated GIF.
     pub frames: PathBuf,
     /// The prompt describing the clip (the inversion's).
@@ -20,24 +41,12 @@ pub struct VideoEditArgs {
     /// The prompt of the edit.
     #[arg(long)]
     pub prompt: String,
-    /// The negative prompt (default "").
-    #[arg(long)]
-    pub negative: Option<String>,
-    #[arg(long, default_value_t = 20)]
-    pub steps: usize,
-    #[arg(long, default_value_t = 7.5)]
-    pub guidance: f32,
     /// A recipe with passes "invert" and "edit" instead of the built-in FateZero.
     #[arg(long, conflicts_with = "no_recipe")]
     pub recipe: Option<PathBuf>,
     /// Plain per-frame attention in both passes (no recipe): the baseline.
     #[arg(long)]
     pub no_recipe: bool,
-    /// Milliseconds per frame in the GIF.
-    #[arg(long, default_value_t = 125)]
-    pub delay: u32,
-    #[arg(long, default_value = "flex")]
-    pub device: String,
     /// Hold linear and conv weights as f32 (default), f16 or bf16.
     #[arg(long, default_value = "f32")]
     pub weights: rewire::exec::WeightDtype,
@@ -48,13 +57,10 @@ pub struct VideoEditArgs {
 
 #[derive(clap::Args)]
 pub struct VideoGenerateArgs {
-    /// A diffusers pipeline folder.
-    pub model: PathBuf,
+    #[command(flatten)]
+    pub common: VideoCommonArgs,
     #[arg(long)]
     pub prompt: String,
-    /// The negative prompt (default "").
-    #[arg(long)]
-    pub negative: Option<String>,
     #[arg(long, default_value_t = 8)]
     pub frames: usize,
     /// Motion per frame, X,Y, in diffusers' units (pixels of a 512×512 grid: 64 on a 16×16
@@ -66,21 +72,12 @@ pub struct VideoGenerateArgs {
     /// The initial latent `[1, C, h, w]`: the tensor `latents`, else `x_T` (instead of --seed).
     #[arg(long, conflicts_with = "seed")]
     pub latents: Option<PathBuf>,
-    #[arg(long, default_value_t = 20)]
-    pub steps: usize,
-    #[arg(long, default_value_t = 7.5)]
-    pub guidance: f32,
     /// A recipe instead of the built-in cross-frame attention.
     #[arg(long, conflicts_with = "no_recipe")]
     pub recipe: Option<PathBuf>,
     /// Plain per-frame attention (no recipe): the baseline.
     #[arg(long)]
     pub no_recipe: bool,
-    /// Milliseconds per frame in the GIF.
-    #[arg(long, default_value_t = 125)]
-    pub delay: u32,
-    #[arg(long, default_value = "flex")]
-    pub device: String,
     /// The clip: OUT.gif (with OUT_000.png, … and OUT_strip.png beside it).
     #[arg(short, long)]
     pub output: PathBuf,

@@ -397,34 +397,27 @@ fn video_edit_cli() {
     let one = dir.path().join("one");
     std::fs::create_dir(&one).unwrap();
     std::fs::copy(input.join("f0.png"), one.join("a.png")).unwrap();
-    let (ok, _, err) = rewire(&[
-        "video",
-        "edit",
-        model.to_str().unwrap(),
-        one.to_str().unwrap(),
-        "--source-prompt",
-        "a",
-        "--prompt",
-        "b",
-        "-o",
-        dir.path().join("x.gif").to_str().unwrap(),
-    ]);
+    // `rewire video edit MODEL one/ ... -o x.gif`, run as the frames in `one/` stand.
+    let edit_one = || {
+        rewire(&[
+            "video",
+            "edit",
+            model.to_str().unwrap(),
+            one.to_str().unwrap(),
+            "--source-prompt",
+            "a",
+            "--prompt",
+            "b",
+            "-o",
+            dir.path().join("x.gif").to_str().unwrap(),
+        ])
+    };
+    let (ok, _, err) = edit_one();
     assert!(!ok && err.contains("hint:"), "{err}");
     image::RgbImage::new(32, 32)
         .save(one.join("b.png"))
         .unwrap();
-    let (ok, _, err) = rewire(&[
-        "video",
-        "edit",
-        model.to_str().unwrap(),
-        one.to_str().unwrap(),
-        "--source-prompt",
-        "a",
-        "--prompt",
-        "b",
-        "-o",
-        dir.path().join("x.gif").to_str().unwrap(),
-    ]);
+    let (ok, _, err) = edit_one();
     assert!(!ok && err.contains("b.png"), "{err}");
     assert!(!dir.path().join("x.gif").exists());
 
