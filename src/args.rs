@@ -33,6 +33,10 @@ pub struct VideoEditArgs {
     /// Plain per-frame attention in both passes (no recipe): the baseline.
     #[arg(long)]
     pub no_recipe: bool,
+    /// Frames per window: windows run in order and carry the first and previous frame's K/V,
+    /// so a long clip edits in the memory of one window (0: the whole clip as one batch).
+    #[arg(long, default_value_t = 8)]
+    pub window: usize,
     /// Milliseconds per frame in the GIF.
     #[arg(long, default_value_t = 125)]
     pub delay: u32,

@@ -11,9 +11,8 @@ use crate::recipe::Source;
 use std::path::{Path, PathBuf};
 
 mod edit;
-pub use edit::{
-    EDIT_PASSES, EditMemory, EditOptions, Edited, FATEZERO, edit, edit_latents, edit_memory,
-};
+pub mod window;
+pub use edit::{EDIT_PASSES, EditMemory, EditOptions, Edited, FATEZERO, edit, edit_latents};
 
 /// Text2Video-Zero's built-in recipe: cross-frame attention to the first frame.
 pub const T2V_ZERO: &str = include_str!("../../rewrites/t2v_zero.ron");
