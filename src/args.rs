@@ -70,6 +70,10 @@ pub struct VideoGenerateArgs {
     /// The initial latent `[1, C, h, w]`: the tensor `latents`, else `x_T` (instead of --seed).
     #[arg(long, conflicts_with = "seed")]
     pub latents: Option<PathBuf>,
+    /// Frames per window: windows run in order and carry the first frame's K/V, so a long
+    /// clip runs in the memory of one window (0: the whole clip as one batch).
+    #[arg(long, default_value_t = 8)]
+    pub window: usize,
     #[arg(long, default_value_t = 20)]
     pub steps: usize,
     #[arg(long, default_value_t = 7.5)]

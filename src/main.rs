@@ -240,6 +240,7 @@ fn video_generate(a: VideoGenerateArgs) -> Result<()> {
         latent,
         steps: a.steps,
         guidance: a.guidance,
+        window: Some(a.window),
     };
     let bar = indicatif::ProgressBar::new(a.steps as u64);
     let t0 = std::time::Instant::now();

@@ -119,17 +119,9 @@ pub fn edit_latents(
         pipe,
         opts,
         &jobs,
-        |r| Ok(frames_of(&latents_0, r)),
+        |r| Ok(super::frames_of(&latents_0, r)),
         progress,
     )
-}
-
-/// Items `r` of a batch `[F, ...]`.
-fn frames_of(t: &HostTensor, r: Range<usize>) -> HostTensor {
-    let per: usize = t.shape[1..].iter().product();
-    let mut shape = t.shape.clone();
-    shape[0] = r.len();
-    HostTensor::new(shape, t.data[r.start * per..r.end * per].to_vec())
 }
 
 /// Appends batch `b` to batch `a` along the first axis.
