@@ -316,6 +316,10 @@ fn run_windows(
     let mut all: Option<Edited> = None;
     for (k, r) in w.ranges.iter().enumerate() {
         let job = w.job(k);
+        // The window before's maps were read by its edit: free them before this one records.
+        if let Some(a) = all.as_mut() {
+            a.inversion.stored = Stored::default();
+        }
         let latents_0 = latents_of(r.clone())?;
         let label = |pass: &str| {
             if many {
