@@ -1,5 +1,6 @@
 //! Peak RSS and seconds of `rewire video edit` (FateZero, 20 steps, shapes-sd at 64×64) for
-//! clips of 4, 16 and 64 frames, with the inversion's stores kept in memory (the built-in
+//! clips of 4, 16 and 64 frames, the whole clip as one batch (`--window 0`) and in windows of 8
+//! frames (the default), with the inversion's stores kept in memory (the built-in
 //! `rewrites/fatezero.ron`) and spilled to disk (`on: Disk`). Each run is its own process; its
 //! peak RSS is what the command prints (VmHWM). One run per cell: read the ratios, not the
 //! absolute numbers.
@@ -42,13 +43,21 @@ fn main() {
         recipe.replace("reduce: Each)", "reduce: Each, on: Disk)"),
     )
     .unwrap();
-    println!("| frames | stores | seconds | peak RSS | stored in memory | on disk |");
-    println!("|---|---|---|---|---|---|");
+    println!(
+        "| frames | window | stores | seconds | peak RSS | stored in memory (per window) | on disk |"
+    );
+    println!("|---|---|---|---|---|---|---|");
     for &n in &counts {
         let frames = tmp.path().join(format!("in{n}"));
         draw(&frames, n);
-        for (what, recipe) in [("memory", None), ("disk", Some(&disk))] {
-            let out = tmp.path().join(format!("out{n}{what}.gif"));
+        let cells = [
+            ("0", "memory", None),
+            ("0", "disk", Some(&disk)),
+            ("8", "memory", None),
+            ("8", "disk", Some(&disk)),
+        ];
+        for (window, what, recipe) in cells {
+            let out = tmp.path().join(format!("out{n}{what}{window}.gif"));
             let mut cmd = Command::new(env!("CARGO_BIN_EXE_rewire"));
             cmd.args(["video", "edit"])
                 .arg(root.join("models/shapes-sd"))
@@ -58,6 +67,8 @@ fn main() {
                     "a red circle",
                     "--prompt",
                     "a blue circle",
+                    "--window",
+                    window,
                     "-o",
                 ])
                 .arg(&out);
@@ -70,12 +81,12 @@ fn main() {
             let err = String::from_utf8_lossy(&o.stderr);
             if !o.status.success() {
                 println!(
-                    "| {n} | {what} | failed: {} |",
+                    "| {n} | {window} | {what} | failed: {} |",
                     err.trim().replace('\n', " ")
                 );
                 continue;
             }
-            // "…; stored maps: X MiB in memory, Y MiB on disk; peak RSS Z MiB"
+            // "…; stored maps per window: X MiB in memory, Y MiB on disk; peak RSS Z MiB"
             let field = |after: &str, until: &str| {
                 err.split(after)
                     .nth(1)
@@ -85,9 +96,9 @@ fn main() {
                     .to_string()
             };
             println!(
-                "| {n} | {what} | {secs:.1} | {} | {} MiB | {} MiB |",
+                "| {n} | {window} | {what} | {secs:.1} | {} | {} MiB | {} MiB |",
                 field("peak RSS", "\n"),
-                field("stored maps:", "MiB in memory"),
+                field("stored maps per window:", "MiB in memory"),
                 field("in memory,", "MiB on disk"),
             );
         }

@@ -47,6 +47,10 @@ pub struct VideoEditArgs {
     /// Plain per-frame attention in both passes (no recipe): the baseline.
     #[arg(long)]
     pub no_recipe: bool,
+    /// Frames per window: windows run in order and carry the first and previous frame's K/V,
+    /// so a long clip edits in the memory of one window (0: the whole clip as one batch).
+    #[arg(long, default_value_t = 8)]
+    pub window: usize,
     /// Hold linear and conv weights as f32 (default), f16 or bf16.
     #[arg(long, default_value = "f32")]
     pub weights: rewire::exec::WeightDtype,
@@ -72,6 +76,10 @@ pub struct VideoGenerateArgs {
     /// The initial latent `[1, C, h, w]`: the tensor `latents`, else `x_T` (instead of --seed).
     #[arg(long, conflicts_with = "seed")]
     pub latents: Option<PathBuf>,
+    /// Frames per window: windows run in order and carry the first frame's K/V, so a long
+    /// clip runs in the memory of one window (0: the whole clip as one batch).
+    #[arg(long, default_value_t = 8)]
+    pub window: usize,
     /// A recipe instead of the built-in cross-frame attention.
     #[arg(long, conflicts_with = "no_recipe")]
     pub recipe: Option<PathBuf>,

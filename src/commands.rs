@@ -52,6 +52,7 @@ pub fn video_edit(a: VideoEditArgs) -> Result<()> {
         steps: a.common.steps,
         guidance: a.common.guidance,
         weights: a.weights,
+        window: Some(a.window),
     };
     let bar = indicatif::ProgressBar::new(a.common.steps as u64).with_style(
         indicatif::ProgressStyle::with_template("{msg:>6} {bar:40} {pos}/{len} steps")
@@ -67,10 +68,11 @@ pub fn video_edit(a: VideoEditArgs) -> Result<()> {
     let paths = rewire::video::write_clip(&a.output, &out.frames, Some(&frames), a.common.delay)?;
     let mib = |b: u64| b as f64 / (1u64 << 20) as f64;
     eprintln!(
-        "wrote {} and {} more files ({} frames) in {:.1}s; stored maps: {:.1} MiB in memory, {:.1} MiB on disk; peak RSS {}",
+        "wrote {} and {} more files ({} frames, windows of {}) in {:.1}s; stored maps per window: {:.1} MiB in memory, {:.1} MiB on disk; peak RSS {}",
         a.output.display(),
         paths.len() - 1,
         frames.len(),
+        out.window,
         t0.elapsed().as_secs_f64(),
         mib(out.inversion.stored.bytes() as u64),
         mib(out.inversion.stored.spilled_bytes()),
@@ -107,6 +109,7 @@ pub fn video_generate(a: VideoGenerateArgs) -> Result<()> {
         latent,
         steps: a.common.steps,
         guidance: a.common.guidance,
+        window: Some(a.window),
     };
     let bar = indicatif::ProgressBar::new(a.common.steps as u64);
     let t0 = std::time::Instant::now();

@@ -160,6 +160,26 @@ pub fn invert_with(
     opts: &InvertOptions,
     latents_0: HostTensor,
     compiled: Option<&crate::compile::Compiled>,
+    progress: impl FnMut(usize, usize),
+) -> Result<Inversion, PipelineError> {
+    invert_reading(
+        pipe,
+        opts,
+        latents_0,
+        compiled,
+        &Stored::default(),
+        progress,
+    )
+}
+
+/// As [`invert_with`], with named state an earlier run stored (`read`: a window's carried
+/// K/V) for the pass's `Stored(...)` inputs.
+pub fn invert_reading(
+    pipe: &Pipeline,
+    opts: &InvertOptions,
+    latents_0: HostTensor,
+    compiled: Option<&crate::compile::Compiled>,
+    read: &Stored,
     mut progress: impl FnMut(usize, usize),
 ) -> Result<Inversion, PipelineError> {
     let [n, c, lh, lw] = latents_dims(pipe, &latents_0)?;
@@ -239,14 +259,7 @@ pub fn invert_with(
             .1;
         let mut state = constants.clone();
         state.insert("sample".to_string(), Value::R4(x.clone()));
-        crate::pipeline::read_stored(
-            plan,
-            t,
-            &Stored::default(),
-            &reduced,
-            &pipe.device,
-            &mut state,
-        )?;
+        crate::pipeline::read_stored(plan, t, read, &reduced, &pipe.device, &mut state)?;
         let (out, mut kept) =
             plan.run_with_state(&crate::pipeline::timestep_input(t), state, &keep)?;
         let eps = crate::pipeline::unet_out(&mut kept)?;

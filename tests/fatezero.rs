@@ -94,7 +94,126 @@ fn options() -> rewire::video::EditOptions {
         steps: 20,
         guidance: 7.5,
         weights: rewire::exec::WeightDtype::F32,
+        window: None,
     }
+}
+
+fn max_diff(a: &HostTensor, b: &HostTensor) -> f32 {
+    assert_eq!(a.shape, b.shape);
+    a.data
+        .iter()
+        .zip(&b.data)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0f32, f32::max)
+}
+
+/// Windows carry the first and the previous frame's K/V from window to window: the windowed
+/// edit is the whole clip's as one batch (up to float rounding), in windows of 2 and of 3 (a
+/// shorter last window). Cut into separate clips instead, the later frames come out otherwise:
+/// the carry is what makes the windows one clip.
+#[test]
+fn windows_edit_the_clip_as_one_batch_does() {
+    let pipe = Pipeline::open(&shapes_sd(), &device()).unwrap();
+    let latents = expected(&case(), "latents_0");
+    assert_eq!(latents.shape[0], 4);
+    let src = Source::load(&root().join("rewrites/fatezero.ron")).unwrap();
+    let opts = rewire::video::EditOptions {
+        steps: 6,
+        ..options()
+    };
+    let whole =
+        rewire::video::edit_latents(&pipe, &opts, Some(&src), latents.clone(), |_, _, _| {})
+            .unwrap();
+    assert_eq!(whole.window, 4);
+    for w in [2, 3] {
+        let mut labels = Vec::new();
+        let got = rewire::video::edit_latents(
+            &pipe,
+            &rewire::video::EditOptions {
+                window: Some(w),
+                ..opts.clone()
+            },
+            Some(&src),
+            latents.clone(),
+            |pass, _, _| {
+                if labels.last() != Some(&pass.to_string()) {
+                    labels.push(pass.to_string())
+                }
+            },
+        )
+        .unwrap();
+        assert_eq!(got.window, w);
+        assert_eq!(
+            labels[..2],
+            [
+                "invert 0-".to_string() + &(w - 1).to_string(),
+                "edit 0-".to_string() + &(w - 1).to_string()
+            ]
+        );
+        assert_eq!(got.frames.len(), 4);
+        let inv = whole
+            .inversion
+            .latents_per_step
+            .iter()
+            .zip(&got.inversion.latents_per_step)
+            .map(|(a, b)| max_diff(a, b))
+            .fold(0f32, f32::max);
+        let edit = whole
+            .latents_per_step
+            .iter()
+            .zip(&got.latents_per_step)
+            .map(|(a, b)| max_diff(a, b))
+            .fold(0f32, f32::max);
+        let frames = whole
+            .frames
+            .iter()
+            .zip(&got.frames)
+            .map(|(a, b)| max_diff(a, b))
+            .fold(0f32, f32::max);
+        println!(
+            "window {w}: inverted latents {inv:.2e}, edit latents {edit:.2e}, frames {frames:.2e}"
+        );
+        assert!(inv <= 1e-4 && edit <= 1e-4 && frames <= 1e-3, "window {w}");
+    }
+    // The last two frames as a clip of their own: not what the whole clip gives them.
+    let per = 4 * 16 * 16;
+    let cut = HostTensor::new(vec![2, 4, 16, 16], latents.data[2 * per..].to_vec());
+    let alone = rewire::video::edit_latents(&pipe, &opts, Some(&src), cut, |_, _, _| {}).unwrap();
+    let apart = max_diff(&alone.frames[1], &whole.frames[3]);
+    println!("frame 3 edited apart from the clip: {apart:.2e}");
+    assert!(apart > 1e-3, "{apart}");
+}
+
+/// A recipe whose frames read later frames (`Last`) cannot run in windows: a clear error
+/// before anything runs, naming the rewrite and the way out.
+#[test]
+fn windows_refuse_what_they_cannot_carry() {
+    let pipe = Pipeline::open(&shapes_sd(), &device()).unwrap();
+    let latents = expected(&case(), "latents_0");
+    let text = std::fs::read_to_string(root().join("rewrites/fatezero.ron"))
+        .unwrap()
+        .replace("Frames([First, Prev])", "Frames([First, Last])");
+    let src = Source::parse(&text, std::path::Path::new("last.ron")).unwrap();
+    let opts = rewire::video::EditOptions {
+        steps: 2,
+        window: Some(2),
+        ..options()
+    };
+    let e = rewire::video::edit_latents(&pipe, &opts, Some(&src), latents.clone(), |_, _, _| {
+        panic!("nothing runs")
+    })
+    .unwrap_err()
+    .to_string();
+    assert!(
+        e.contains("last.ron: rewrite 0") && e.contains("Last") && e.contains("--window 0"),
+        "{e}"
+    );
+    // The whole clip at once runs it.
+    let whole = rewire::video::EditOptions {
+        window: Some(0),
+        ..opts
+    };
+    assert!(rewire::video::edit_latents(&pipe, &whole, Some(&src), latents, |_, _, _| {}).is_ok());
 }
 
 #[test]
@@ -392,6 +511,36 @@ fn video_edit_cli() {
             .fold(0f32, f32::max);
         assert!(e <= 0.5 / 255.0 + 1e-6, "frame {i} differs by {e}");
     }
+    // In windows of 3 (the K/V of the first and previous frame carried): the same clip, up to
+    // float rounding (a pixel may round to the next level).
+    let windowed = dir.path().join("w3.gif");
+    let (ok, _, err) = rewire(&[
+        "video",
+        "edit",
+        model.to_str().unwrap(),
+        input.to_str().unwrap(),
+        "--source-prompt",
+        "a red circle",
+        "--prompt",
+        "a blue circle",
+        "--window",
+        "3",
+        "-o",
+        windowed.to_str().unwrap(),
+    ]);
+    assert!(ok && err.contains("windows of 3"), "{err}");
+    for (i, w) in want.iter().enumerate() {
+        let got = image::open(dir.path().join(format!("w3_{i:03}.png")))
+            .unwrap()
+            .to_rgb8();
+        let e = got
+            .as_raw()
+            .iter()
+            .zip(&w.data)
+            .map(|(&a, &b)| (a as f32 / 255.0 - b).abs())
+            .fold(0f32, f32::max);
+        assert!(e <= 1.5 / 255.0, "frame {i} differs by {e}");
+    }
 
     // Bad input: one frame, and frames of different sizes.
     let one = dir.path().join("one");
@@ -442,8 +591,9 @@ fn video_edit_cli() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && !err.contains("panicked"), "{err}");
     assert!(
-        err.contains("editing 4 frames needs about")
+        err.contains("editing 4 frames at once needs about")
             && err.contains("stores kept in memory")
+            && err.contains("--window 2")
             && err.contains("on: Disk"),
         "{err}"
     );

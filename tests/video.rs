@@ -96,6 +96,7 @@ fn t2v_zero_matches_diffusers() {
         latent: Some(x_t.clone()),
         steps: 20,
         guidance: 7.5,
+        window: None,
     };
     let builtin = Source::parse(
         rewire::video::T2V_ZERO,
@@ -104,6 +105,29 @@ fn t2v_zero_matches_diffusers() {
     .unwrap();
     let frames = rewire::video::generate(&pipe, &g, Some(&builtin), |_, _| {}).unwrap();
     assert_eq!(frames, out.images, "video::generate is the same run");
+    // In windows of 3 (the first frame's K/V carried to the second window): the same clip.
+    let windowed = rewire::video::GenerateOptions {
+        window: Some(3),
+        ..g.clone()
+    };
+    let frames = rewire::video::generate(&pipe, &windowed, Some(&builtin), |_, _| {}).unwrap();
+    let ew = frames_error(&expected(&case(), "frames_out"), &frames);
+    let apart = frames
+        .iter()
+        .zip(&out.images)
+        .map(|(a, b)| {
+            a.data
+                .iter()
+                .zip(&b.data)
+                .map(|(x, y)| (x - y).abs())
+                .fold(0f32, f32::max)
+        })
+        .fold(0f32, f32::max);
+    println!("t2v_zero frames in windows of 3: {ew:e} (vs one batch {apart:e})");
+    assert!(
+        ew <= 1e-3 && apart <= 1e-4,
+        "windows differ by {ew} / {apart}"
+    );
     let bad = rewire::video::GenerateOptions {
         latent: Some(HostTensor::new(vec![2, 4, 16, 16], vec![0.0; 2048])),
         ..g

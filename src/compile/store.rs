@@ -178,6 +178,42 @@ impl Stored {
         self.maps.is_empty()
     }
 
+    /// Moves the slots of store `name` (every layer) out into their own `Stored`.
+    pub fn take(&mut self, name: &str) -> Stored {
+        let keys: Vec<(String, String)> = self
+            .maps
+            .keys()
+            .filter(|(n, _)| n == name)
+            .cloned()
+            .collect();
+        let maps = keys
+            .into_iter()
+            .filter_map(|k| self.maps.remove_entry(&k))
+            .collect();
+        Stored {
+            maps,
+            spill: self.spill.clone(),
+        }
+    }
+
+    /// Moves `other`'s slots in (replacing slots of the same store and layer). Slots that
+    /// `other` spilled to disk keep reading its spill file only when `self` has none.
+    pub fn absorb(&mut self, other: Stored) {
+        let spilled = other.maps.values().any(|k| matches!(k, Kept::Disk(_)));
+        if spilled {
+            debug_assert!(
+                self.spill.is_none()
+                    || self.spill.as_ref().map(std::sync::Arc::as_ptr)
+                        == other.spill.as_ref().map(std::sync::Arc::as_ptr),
+                "two spill files in one Stored"
+            );
+            if self.spill.is_none() {
+                self.spill = other.spill;
+            }
+        }
+        self.maps.extend(other.maps);
+    }
+
     /// Takes the Store outputs out of one step's kept device values: those of `reduce: Each`
     /// stores (`each`) are kept under timestep `t`, on the device or, for those in `spill`,
     /// in the spill file.
@@ -286,8 +322,12 @@ impl Stored {
             },
         };
         let found = v.dims();
+        if found == shape {
+            // (Any rank: a window's carried K/V are `[rows, N, C]`.)
+            return Some(Ok(v.clone()));
+        }
         // The same maps, with the row axis dropped when there is one row.
-        let ok = shape.len() == 4 && (found == shape || (shape[0] == 1 && found[..] == shape[1..]));
+        let ok = shape.len() == 4 && shape[0] == 1 && found[..] == shape[1..];
         if !ok {
             return Some(Err(StoredError::Shape {
                 input: input.into(),

@@ -52,6 +52,8 @@ pub enum PipelineError {
     },
     #[error("no picture to invert\n  hint: give a PNG (or a folder of PNGs)")]
     NoPicture,
+    #[error(transparent)]
+    Window(#[from] crate::video::window::WindowError),
     #[error(
         "{what} needs about {need_mib} MiB ({detail}), more than the {available_mib} MiB this machine has available\n  hint: {hint}"
     )]

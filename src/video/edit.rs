@@ -5,9 +5,11 @@
 //!
 //! Try it: `rewire video edit models/shapes-sd docs/video/frames_in --source-prompt "a red circle" --prompt "a blue circle" -o edit.gif`.
 
+use crate::compile::store::Stored;
 use crate::exec::HostTensor;
 use crate::pipeline::{Pipeline, PipelineError, RunOptions};
 use crate::recipe::Source;
+use std::ops::Range;
 
 /// FateZero's built-in recipe (`rewire video edit`): sparse-causal attention in both passes,
 /// maps stored while inverting and read while editing.
@@ -28,13 +30,20 @@ pub struct EditOptions {
     pub steps: usize,
     pub guidance: f32,
     pub weights: crate::exec::WeightDtype,
+    /// Frames per window (`None` or 0: the whole clip as one batch). Windows run in order and
+    /// carry the anchor and previous frame's K/V (see [`super::window`]): the same edit in the
+    /// memory of one window.
+    pub window: Option<usize>,
 }
 
 /// What an edit produced.
 #[derive(Debug, Clone)]
 pub struct Edited {
-    /// The inversion of the frames (with what the recipe stored).
+    /// The inversion of the frames (with what the recipe stored: with windows, the last
+    /// window's maps; every other window's were freed after its edit).
     pub inversion: crate::invert::Inversion,
+    /// Frames per window (the clip's length without windows).
+    pub window: usize,
     /// The edit's latents after each step, `[F, C, h, w]`.
     pub latents_per_step: Vec<HostTensor>,
     /// The edited frames `[H, W, 3]` in [0, 1].
@@ -63,11 +72,29 @@ pub fn edit(
             expected: vec![0, 0, 3],
         });
     };
+    // Every frame's size up front: a window's encode sees only its own frames.
+    if let Some((index, p)) = frames
+        .iter()
+        .enumerate()
+        .find(|(_, p)| p.shape != first.shape)
+    {
+        return Err(PipelineError::PictureSizes {
+            index,
+            found: p.shape.clone(),
+            expected: first.shape.clone(),
+        });
+    }
     let f = pipe.vae.downsample_factor();
     let (lh, lw) = (h / f, w / f);
-    let job = prepare(pipe, opts, recipe, frames.len(), lh, lw)?;
-    let latents_0 = crate::invert::encode(pipe, &inversion_options(opts), frames)?;
-    run_prepared(pipe, opts, job, latents_0, progress)
+    let jobs = prepare(pipe, opts, recipe, frames.len(), lh, lw)?;
+    let inv = inversion_options(opts);
+    run_windows(
+        pipe,
+        opts,
+        &jobs,
+        |r| crate::invert::encode(pipe, &inv, &frames[r]),
+        progress,
+    )
 }
 
 fn inversion_options(opts: &EditOptions) -> crate::invert::InvertOptions {
@@ -87,20 +114,138 @@ pub fn edit_latents(
     progress: impl FnMut(&str, usize, usize),
 ) -> Result<Edited, PipelineError> {
     let [n, _, lh, lw] = crate::invert::latents_dims(pipe, &latents_0)?;
-    let job = prepare(pipe, opts, recipe, n, lh, lw)?;
-    run_prepared(pipe, opts, job, latents_0, progress)
+    let jobs = prepare(pipe, opts, recipe, n, lh, lw)?;
+    run_windows(
+        pipe,
+        opts,
+        &jobs,
+        |r| Ok(super::frames_of(&latents_0, r)),
+        progress,
+    )
+}
+
+/// Appends batch `b` to batch `a` along the first axis.
+fn append(a: &mut HostTensor, b: &HostTensor) {
+    a.shape[0] += b.shape[0];
+    a.data.extend_from_slice(&b.data);
 }
 
 /// Both passes of an edit, compiled and checked.
 struct Prepared {
+    inv_run: RunOptions,
     inv: Option<crate::compile::Compiled>,
     run: RunOptions,
     edit: Option<crate::compile::Compiled>,
 }
 
-/// Compiles both passes for `n` frames of `lh`×`lw` latents, checks that what the edit reads
-/// is what the inversion writes (shapes, timesteps), and that the job fits in memory.
+/// An edit's windows and the passes compiled for each kind of window (its frame count, and
+/// whether it reads K/V carried from the one before).
+struct Windows {
+    size: usize,
+    ranges: Vec<Range<usize>>,
+    kinds: Vec<((usize, bool), Prepared)>,
+}
+
+impl Windows {
+    fn job(&self, k: usize) -> &Prepared {
+        let key = (self.ranges[k].len(), k > 0 && self.ranges.len() > 1);
+        &self
+            .kinds
+            .iter()
+            .find(|(kk, _)| *kk == key)
+            .expect("every kind of window is compiled")
+            .1
+    }
+}
+
+/// Compiles both passes for each kind of window of `n` frames of `lh`×`lw` latents (the
+/// carry wired in when there is more than one window), checks that what the edit reads is
+/// what the inversion writes (shapes, timesteps), and that one window fits in memory.
 fn prepare(
+    pipe: &Pipeline,
+    opts: &EditOptions,
+    recipe: Option<&Source>,
+    n: usize,
+    lh: usize,
+    lw: usize,
+) -> Result<Windows, PipelineError> {
+    let size = match opts.window {
+        Some(w) if w > 0 && w < n => w,
+        _ => n,
+    };
+    let ranges = super::window::windows(n, size);
+    let mut kinds: Vec<((usize, bool), Prepared)> = Vec::new();
+    let mut need: Option<EditMemory> = None;
+    for (k, r) in ranges.iter().enumerate() {
+        let key = (r.len(), k > 0 && ranges.len() > 1);
+        if kinds.iter().any(|(kk, _)| *kk == key) {
+            continue;
+        }
+        let mut job = prepare_one(pipe, opts, recipe, r.len(), lh, lw)?;
+        if let (Some(src), true) = (recipe, ranges.len() > 1) {
+            for (pass, c) in [
+                (EDIT_PASSES[0], &mut job.inv),
+                (EDIT_PASSES[1], &mut job.edit),
+            ] {
+                if let Some(compiled) = c.as_ref()
+                    && let Some(carried) =
+                        super::window::carry(compiled, src, pass, r.len(), key.1)?
+                {
+                    *c = Some(carried);
+                }
+            }
+        }
+        let m = edit_memory(pipe, &job)?;
+        if need.is_none_or(|n| m.total() > n.total()) {
+            need = Some(m);
+        }
+        kinds.push((key, job));
+    }
+    // What the job will hold, before anything is allocated.
+    if let (Some(need), Some(avail)) = (need, crate::limits::available_memory())
+        && need.total() > avail
+    {
+        let mib = |b: u64| b >> 20;
+        let mut hint = String::new();
+        if size > 1 {
+            hint.push_str(&format!(
+                "edit in smaller windows (--window {}), ",
+                (size / 2).max(1)
+            ));
+        }
+        if need.stores > 0 {
+            hint.push_str(
+                "spill the recipe's stores to disk (Store(..., reduce: Each, on: Disk)), ",
+            );
+        }
+        hint.push_str("or edit fewer frames");
+        return Err(PipelineError::Memory {
+            what: if size < n {
+                format!("editing {n} frames in windows of {size}")
+            } else {
+                format!("editing {n} frames at once")
+            },
+            need_mib: mib(need.total()),
+            available_mib: mib(avail),
+            detail: format!(
+                "activations {} MiB, stores kept in memory {} MiB; the weights ({} MiB) are loaded already",
+                mib(need.activations),
+                mib(need.stores),
+                mib(need.weights)
+            ),
+            hint,
+        });
+    }
+    Ok(Windows {
+        size,
+        ranges,
+        kinds,
+    })
+}
+
+/// Compiles both passes for `n` frames and checks the edit's reads against the inversion's
+/// writes.
+fn prepare_one(
     pipe: &Pipeline,
     opts: &EditOptions,
     recipe: Option<&Source>,
@@ -144,58 +289,96 @@ fn prepare(
         let edit_t = pipe.schedule(&run)?.1;
         crate::compile::store::check_passes(i, &inv_t, e, &edit_t)?;
     }
-    // What the job will hold, before anything is allocated.
-    let need = edit_memory(pipe, &inv_run, inv.as_ref(), &run, edit.as_ref())?;
-    if let Some(avail) = crate::limits::available_memory()
-        && need.total() > avail
-    {
-        let mib = |b: u64| b >> 20;
-        return Err(PipelineError::Memory {
-            what: format!("editing {n} frames"),
-            need_mib: mib(need.total()),
-            available_mib: mib(avail),
-            detail: format!(
-                "activations {} MiB, stores kept in memory {} MiB; the weights ({} MiB) are loaded already",
-                mib(need.activations),
-                mib(need.stores),
-                mib(need.weights)
-            ),
-            hint: if need.stores > 0 {
-                "spill the recipe's stores to disk (Store(..., reduce: Each, on: Disk)), or edit fewer frames at a time".into()
-            } else {
-                "edit fewer frames at a time".into()
-            },
-        });
-    }
-    Ok(Prepared { inv, run, edit })
+    Ok(Prepared {
+        inv_run,
+        inv,
+        run,
+        edit,
+    })
 }
 
-fn run_prepared(
+/// Runs the windows in order: each is encoded (`latents_of`), inverted while its stores record,
+/// then edited while its rewrites read them; the K/V carried from the window before are read
+/// in both passes, and each window's stored maps are freed once it is edited.
+fn run_windows(
     pipe: &Pipeline,
     opts: &EditOptions,
-    job: Prepared,
-    latents_0: HostTensor,
+    w: &Windows,
+    mut latents_of: impl FnMut(Range<usize>) -> Result<HostTensor, PipelineError>,
     mut progress: impl FnMut(&str, usize, usize),
 ) -> Result<Edited, PipelineError> {
-    let inversion = crate::invert::invert_with(
-        pipe,
-        &inversion_options(opts),
-        latents_0,
-        job.inv.as_ref(),
-        |i, k| progress(EDIT_PASSES[0], i, k),
-    )?;
-    let run = RunOptions {
-        latents: Some(inversion.latents().clone()),
-        ..job.run
-    };
-    let out = pipe.run_reading(&run, job.edit.as_ref(), &inversion.stored, |i, k| {
-        progress(EDIT_PASSES[1], i, k)
-    })?;
-    Ok(Edited {
-        inversion,
-        latents_per_step: out.latents_per_step,
-        frames: out.images,
-    })
+    let (inv_name, edit_name) = (
+        super::window::carry_name(EDIT_PASSES[0]),
+        super::window::carry_name(EDIT_PASSES[1]),
+    );
+    let many = w.ranges.len() > 1;
+    let (mut inv_carry, mut edit_carry) = (Stored::default(), Stored::default());
+    let mut all: Option<Edited> = None;
+    for (k, r) in w.ranges.iter().enumerate() {
+        let job = w.job(k);
+        // The window before's maps were read by its edit: free them before this one records.
+        if let Some(a) = all.as_mut() {
+            a.inversion.stored = Stored::default();
+        }
+        let latents_0 = latents_of(r.clone())?;
+        let label = |pass: &str| {
+            if many {
+                format!("{pass} {}-{}", r.start, r.end - 1)
+            } else {
+                pass.to_string()
+            }
+        };
+        let inv_label = label(EDIT_PASSES[0]);
+        let mut inversion = crate::invert::invert_reading(
+            pipe,
+            &inversion_options(opts),
+            latents_0,
+            job.inv.as_ref(),
+            &inv_carry,
+            |i, n| progress(&inv_label, i, n),
+        )?;
+        inv_carry = inversion.stored.take(&inv_name);
+        // The edit reads this window's maps and the edit's carry from the window before.
+        inversion.stored.absorb(std::mem::take(&mut edit_carry));
+        let run = RunOptions {
+            latents: Some(inversion.latents().clone()),
+            ..job.run.clone()
+        };
+        let edit_label = label(EDIT_PASSES[1]);
+        let mut out = pipe.run_reading(&run, job.edit.as_ref(), &inversion.stored, |i, n| {
+            progress(&edit_label, i, n)
+        })?;
+        drop(inversion.stored.take(&edit_name));
+        edit_carry = out.stored.take(&edit_name);
+        let this = Edited {
+            inversion,
+            window: w.size,
+            latents_per_step: out.latents_per_step,
+            frames: out.images,
+        };
+        all = Some(match all {
+            None => this,
+            Some(mut a) => {
+                append(&mut a.inversion.latents_0, &this.inversion.latents_0);
+                for (x, y) in a
+                    .inversion
+                    .latents_per_step
+                    .iter_mut()
+                    .zip(&this.inversion.latents_per_step)
+                {
+                    append(x, y);
+                }
+                for (x, y) in a.latents_per_step.iter_mut().zip(&this.latents_per_step) {
+                    append(x, y);
+                }
+                a.frames.extend(this.frames);
+                // Only the last window's maps are kept: the others' were read already.
+                a.inversion.stored = this.inversion.stored;
+                a
+            }
+        });
+    }
+    all.ok_or(PipelineError::NoPicture)
 }
 
 /// The memory an edit holds at most, estimated before it allocates (f32).
@@ -219,26 +402,24 @@ impl EditMemory {
     }
 }
 
-/// Estimates an edit's memory from the compiled passes (`None`: plain UNet graphs).
-pub fn edit_memory(
-    pipe: &Pipeline,
-    inv_run: &RunOptions,
-    inv: Option<&crate::compile::Compiled>,
-    run: &RunOptions,
-    edit: Option<&crate::compile::Compiled>,
-) -> Result<EditMemory, PipelineError> {
+/// Estimates one window's memory from its compiled passes (`None`: plain UNet graphs).
+fn edit_memory(pipe: &Pipeline, job: &Prepared) -> Result<EditMemory, PipelineError> {
     let mut activations = 0usize;
-    for (opts, c) in [(inv_run, inv), (run, edit)] {
-        let graphs: Vec<crate::graph::Graph> = match c {
-            Some(c) => c.segments.iter().map(|s| s.graph.clone()).collect(),
-            None => vec![pipe.unet.graph(pipe.unet_spec(opts)?)?],
+    for (opts, c) in [(&job.inv_run, &job.inv), (&job.run, &job.edit)] {
+        let graphs: Vec<&crate::graph::Graph> = match c {
+            Some(c) => c.segments.iter().map(|s| &s.graph).collect(),
+            None => {
+                let g = pipe.unet.graph(pipe.unet_spec(opts)?)?;
+                activations = activations.max(crate::exec::activation_bytes(&g)?);
+                vec![]
+            }
         };
-        for g in &graphs {
+        for g in graphs {
             activations = activations.max(crate::exec::activation_bytes(g)?);
         }
     }
     let (mut stores, mut stores_on_disk) = (0u64, 0u64);
-    if let Some(c) = inv {
+    if let Some(c) = &job.inv {
         for s in crate::compile::state::slots(c) {
             if s.kind
                 == (crate::compile::state::SlotKind::Store {

@@ -11,9 +11,8 @@ use crate::recipe::Source;
 use std::path::{Path, PathBuf};
 
 mod edit;
-pub use edit::{
-    EDIT_PASSES, EditMemory, EditOptions, Edited, FATEZERO, edit, edit_latents, edit_memory,
-};
+pub mod window;
+pub use edit::{EDIT_PASSES, EditMemory, EditOptions, Edited, FATEZERO, edit, edit_latents};
 
 /// Text2Video-Zero's built-in recipe: cross-frame attention to the first frame.
 pub const T2V_ZERO: &str = include_str!("../../rewrites/t2v_zero.ron");
@@ -31,10 +30,14 @@ pub struct GenerateOptions {
     pub latent: Option<HostTensor>,
     pub steps: usize,
     pub guidance: f32,
+    /// Frames per window (`None` or 0: the clip as one batch). Windows run in order and carry
+    /// the first frame's K/V ([`window`]): the same clip in the memory of one window.
+    pub window: Option<usize>,
 }
 
 /// Text2Video-Zero without its re-noising: one initial latent warped per frame
-/// ([`warp_latents`]), the frames run as one batch with classifier-free guidance and `recipe`
+/// ([`warp_latents`]), the frames run as one batch (or in windows) with classifier-free
+/// guidance and `recipe`
 /// (the built-in [`T2V_ZERO`] for cross-frame attention; `None` for plain per-frame attention).
 /// Returns the frames `[H, W, 3]`.
 pub fn generate(
@@ -70,8 +73,51 @@ pub fn generate(
             crate::pipeline::gaussian(opts.seed, c * lh * lw),
         ),
     };
-    run.latents = Some(warp_latents(&x_t, opts.frames, opts.motion));
-    Ok(pipe.run(&run, recipe, progress)?.images)
+    let latents = warp_latents(&x_t, opts.frames, opts.motion);
+    let ranges = match opts.window {
+        Some(w) if w > 0 && w < opts.frames => window::windows(opts.frames, w),
+        _ => vec![0..opts.frames],
+    };
+    if ranges.len() == 1 {
+        run.latents = Some(latents);
+        return Ok(pipe.run(&run, recipe, progress)?.images);
+    }
+    // Windows: each compiled for its frame count, with the first frame's K/V carried.
+    let (mut progress, total) = (progress, ranges.len() * opts.steps);
+    let mut carry = crate::compile::store::Stored::default();
+    let mut frames = Vec::with_capacity(opts.frames);
+    for (k, r) in ranges.iter().enumerate() {
+        let run = RunOptions {
+            prompts: vec![opts.prompt.clone(); r.len()],
+            frames: Some(r.len()),
+            latents: Some(frames_of(&latents, r.clone())),
+            ..run.clone()
+        };
+        let compiled = match recipe {
+            None => None,
+            Some(src) => {
+                let c = pipe.compile(&run, src)?;
+                Some(window::carry(&c, src, GENERATE_PASS, r.len(), k > 0)?.unwrap_or(c))
+            }
+        };
+        let mut out = pipe.run_reading(&run, compiled.as_ref(), &carry, |i, _| {
+            progress(k * opts.steps + i, total)
+        })?;
+        carry = out.stored.take(&window::carry_name(GENERATE_PASS));
+        frames.extend(out.images);
+    }
+    Ok(frames)
+}
+
+/// The pass name of a generated clip's carried K/V (`stored.carry-generate.<layer>`).
+const GENERATE_PASS: &str = "generate";
+
+/// Items `r` of a batch `[F, ...]`.
+pub(crate) fn frames_of(t: &HostTensor, r: std::ops::Range<usize>) -> HostTensor {
+    let per: usize = t.shape[1..].iter().product();
+    let mut shape = t.shape.clone();
+    shape[0] = r.len();
+    HostTensor::new(shape, t.data[r.start * per..r.end * per].to_vec())
 }
 
 /// Errors reading or writing frames.
