@@ -49,8 +49,9 @@ pub struct VideoEditArgs {
     pub no_recipe: bool,
     /// Frames per window: windows run in order and carry the first and previous frame's K/V,
     /// so a long clip edits in the memory of one window (0: the whole clip as one batch).
-    #[arg(long, default_value_t = 8)]
-    pub window: usize,
+    /// Default 8, or the whole clip when the recipe reads frames a window cannot carry.
+    #[arg(long)]
+    pub window: Option<usize>,
     /// Hold linear and conv weights as f32 (default), f16 or bf16.
     #[arg(long, default_value = "f32")]
     pub weights: rewire::exec::WeightDtype,
@@ -77,9 +78,10 @@ pub struct VideoGenerateArgs {
     #[arg(long, conflicts_with = "seed")]
     pub latents: Option<PathBuf>,
     /// Frames per window: windows run in order and carry the first frame's K/V, so a long
-    /// clip runs in the memory of one window (0: the whole clip as one batch).
-    #[arg(long, default_value_t = 8)]
-    pub window: usize,
+    /// clip runs in the memory of one window (0: the whole clip as one batch). Default 8, or
+    /// the whole clip when the recipe reads frames a window cannot carry.
+    #[arg(long)]
+    pub window: Option<usize>,
     /// A recipe instead of the built-in cross-frame attention.
     #[arg(long, conflicts_with = "no_recipe")]
     pub recipe: Option<PathBuf>,

@@ -7,10 +7,14 @@
 use crate::args::*;
 use anyhow::Result;
 use rewire::exec::LowerOptions;
+use rewire::pipeline::PipelineError;
 use rewire::recipe::Source;
 use rewire::size::{self, Order};
 use rewire::{io, preflight};
 use std::path::{Path, PathBuf};
+
+/// Frames per window of the video commands when `--window` is not given.
+const DEFAULT_WINDOW: usize = 8;
 
 /// Prints a warning the library hands back.
 fn warn(w: String) {
@@ -52,18 +56,30 @@ pub fn video_edit(a: VideoEditArgs) -> Result<()> {
         steps: a.common.steps,
         guidance: a.common.guidance,
         weights: a.weights,
-        window: Some(a.window),
+        window: Some(a.window.unwrap_or(DEFAULT_WINDOW)),
     };
     let bar = indicatif::ProgressBar::new(a.common.steps as u64).with_style(
         indicatif::ProgressStyle::with_template("{msg:>6} {bar:40} {pos}/{len} steps")
             .expect("a valid template"),
     );
     let t0 = std::time::Instant::now();
-    let out = rewire::video::edit(&pipe, &opts, src.as_ref(), &frames, |pass, i, n| {
+    let progress = |pass: &str, i: usize, n: usize| {
         bar.set_message(pass.to_string());
         bar.set_length(n as u64);
         bar.set_position(i as u64);
-    })?;
+    };
+    let out = match rewire::video::edit(&pipe, &opts, src.as_ref(), &frames, progress) {
+        // The default windows, refused before anything ran: the whole clip at once.
+        Err(PipelineError::Window(e)) if a.window.is_none() => {
+            warn(format!("{e}\n  the whole clip runs as one batch"));
+            let whole = rewire::video::EditOptions {
+                window: None,
+                ..opts
+            };
+            rewire::video::edit(&pipe, &whole, src.as_ref(), &frames, progress)?
+        }
+        r => r?,
+    };
     bar.finish_and_clear();
     let paths = rewire::video::write_clip(&a.output, &out.frames, Some(&frames), a.common.delay)?;
     let mib = |b: u64| b as f64 / (1u64 << 20) as f64;
@@ -109,14 +125,26 @@ pub fn video_generate(a: VideoGenerateArgs) -> Result<()> {
         latent,
         steps: a.common.steps,
         guidance: a.common.guidance,
-        window: Some(a.window),
+        window: Some(a.window.unwrap_or(DEFAULT_WINDOW)),
     };
     let bar = indicatif::ProgressBar::new(a.common.steps as u64);
     let t0 = std::time::Instant::now();
-    let frames = rewire::video::generate(&pipe, &opts, src.as_ref(), |i, n| {
+    let progress = |i: usize, n: usize| {
         bar.set_length(n as u64);
         bar.set_position(i as u64);
-    })?;
+    };
+    let frames = match rewire::video::generate(&pipe, &opts, src.as_ref(), progress) {
+        // The default windows, refused before anything ran: the whole clip at once.
+        Err(PipelineError::Window(e)) if a.window.is_none() => {
+            warn(format!("{e}\n  the whole clip runs as one batch"));
+            let whole = rewire::video::GenerateOptions {
+                window: None,
+                ..opts
+            };
+            rewire::video::generate(&pipe, &whole, src.as_ref(), progress)?
+        }
+        r => r?,
+    };
     bar.finish_and_clear();
     let paths = rewire::video::write_clip(&a.output, &frames, None, a.common.delay)?;
     eprintln!(

@@ -186,32 +186,35 @@ impl Stored {
             .filter(|(n, _)| n == name)
             .cloned()
             .collect();
-        let maps = keys
+        let maps: BTreeMap<_, _> = keys
             .into_iter()
             .filter_map(|k| self.maps.remove_entry(&k))
             .collect();
+        // The spill file goes along only when a slot taken reads it.
+        let spilled = maps.values().any(|k| matches!(k, Kept::Disk(_)));
         Stored {
             maps,
-            spill: self.spill.clone(),
+            spill: if spilled { self.spill.clone() } else { None },
         }
     }
 
-    /// Moves `other`'s slots in (replacing slots of the same store and layer). Slots that
-    /// `other` spilled to disk keep reading its spill file only when `self` has none.
-    pub fn absorb(&mut self, other: Stored) {
+    /// Moves `other`'s slots in (replacing slots of the same store and layer). Slots spilled to
+    /// disk read one spill file: `other`'s may be taken only when `self` has none or the same.
+    pub fn absorb(&mut self, other: Stored) -> Result<(), StoredError> {
         let spilled = other.maps.values().any(|k| matches!(k, Kept::Disk(_)));
         if spilled {
-            debug_assert!(
-                self.spill.is_none()
-                    || self.spill.as_ref().map(std::sync::Arc::as_ptr)
-                        == other.spill.as_ref().map(std::sync::Arc::as_ptr),
-                "two spill files in one Stored"
-            );
-            if self.spill.is_none() {
-                self.spill = other.spill;
+            match (&self.spill, &other.spill) {
+                (Some(a), Some(b)) if !std::sync::Arc::ptr_eq(a, b) => {
+                    return Err(StoredError::Spill(std::io::Error::other(
+                        "two spill files in one store: spill one pass's stores only",
+                    )));
+                }
+                (None, _) => self.spill = other.spill,
+                _ => {}
             }
         }
         self.maps.extend(other.maps);
+        Ok(())
     }
 
     /// Takes the Store outputs out of one step's kept device values: those of `reduce: Each`

@@ -189,7 +189,7 @@ fn prepare(
             ] {
                 if let Some(compiled) = c.as_ref()
                     && let Some(carried) =
-                        super::window::carry(compiled, src, pass, r.len(), key.1)?
+                        super::window::carry(compiled, src, Some(pass), r.len(), key.1)?
                 {
                     *c = Some(carried);
                 }
@@ -228,9 +228,10 @@ fn prepare(
             need_mib: mib(need.total()),
             available_mib: mib(avail),
             detail: format!(
-                "activations {} MiB, stores kept in memory {} MiB; the weights ({} MiB) are loaded already",
+                "activations {} MiB, stores kept in memory {} MiB, K/V carried between windows {} MiB; the weights ({} MiB) are loaded already",
                 mib(need.activations),
                 mib(need.stores),
+                mib(need.carry),
                 mib(need.weights)
             ),
             hint,
@@ -308,8 +309,8 @@ fn run_windows(
     mut progress: impl FnMut(&str, usize, usize),
 ) -> Result<Edited, PipelineError> {
     let (inv_name, edit_name) = (
-        super::window::carry_name(EDIT_PASSES[0]),
-        super::window::carry_name(EDIT_PASSES[1]),
+        super::window::carry_name(Some(EDIT_PASSES[0])),
+        super::window::carry_name(Some(EDIT_PASSES[1])),
     );
     let many = w.ranges.len() > 1;
     let (mut inv_carry, mut edit_carry) = (Stored::default(), Stored::default());
@@ -339,7 +340,7 @@ fn run_windows(
         )?;
         inv_carry = inversion.stored.take(&inv_name);
         // The edit reads this window's maps and the edit's carry from the window before.
-        inversion.stored.absorb(std::mem::take(&mut edit_carry));
+        inversion.stored.absorb(std::mem::take(&mut edit_carry))?;
         let run = RunOptions {
             latents: Some(inversion.latents().clone()),
             ..job.run.clone()
@@ -392,13 +393,15 @@ pub struct EditMemory {
     pub stores: u64,
     /// Those spilled to disk (`on: Disk`).
     pub stores_on_disk: u64,
+    /// The K/V windows carry to the next (every step's, both passes', read and recorded).
+    pub carry: u64,
 }
 
 impl EditMemory {
     /// What the job will add to the memory in use once the model is loaded: the activations
     /// and the stores kept in memory (the weights are held already).
     pub fn total(&self) -> u64 {
-        self.activations + self.stores
+        self.activations + self.stores + self.carry
     }
 }
 
@@ -418,14 +421,22 @@ fn edit_memory(pipe: &Pipeline, job: &Prepared) -> Result<EditMemory, PipelineEr
             activations = activations.max(crate::exec::activation_bytes(g)?);
         }
     }
-    let (mut stores, mut stores_on_disk) = (0u64, 0u64);
+    let (mut stores, mut stores_on_disk, mut carry) = (0u64, 0u64, 0u64);
+    let each = crate::compile::state::SlotKind::Store {
+        reduce: crate::recipe::Reduce::Each,
+    };
+    // The K/V carried between windows, both passes': the window before's (read) and this
+    // one's (recorded) are held together.
+    for c in [&job.inv, &job.edit].into_iter().flatten() {
+        for s in crate::compile::state::slots(c) {
+            if s.kind == each && super::window::is_carry(&s.name) {
+                carry += 2 * s.bytes as u64;
+            }
+        }
+    }
     if let Some(c) = &job.inv {
         for s in crate::compile::state::slots(c) {
-            if s.kind
-                == (crate::compile::state::SlotKind::Store {
-                    reduce: crate::recipe::Reduce::Each,
-                })
-            {
+            if s.kind == each && !super::window::is_carry(&s.name) {
                 if c.spill.contains(&s.name) {
                     stores_on_disk += s.bytes as u64;
                 } else {
@@ -446,5 +457,6 @@ fn edit_memory(pipe: &Pipeline, job: &Prepared) -> Result<EditMemory, PipelineEr
             .sum(),
         stores,
         stores_on_disk,
+        carry,
     })
 }

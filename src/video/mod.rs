@@ -83,7 +83,7 @@ pub fn generate(
         return Ok(pipe.run(&run, recipe, progress)?.images);
     }
     // Windows: each compiled for its frame count, with the first frame's K/V carried.
-    let (mut progress, total) = (progress, ranges.len() * opts.steps);
+    let (mut progress, windows) = (progress, ranges.len());
     let mut carry = crate::compile::store::Stored::default();
     let mut frames = Vec::with_capacity(opts.frames);
     for (k, r) in ranges.iter().enumerate() {
@@ -97,20 +97,17 @@ pub fn generate(
             None => None,
             Some(src) => {
                 let c = pipe.compile(&run, src)?;
-                Some(window::carry(&c, src, GENERATE_PASS, r.len(), k > 0)?.unwrap_or(c))
+                Some(window::carry(&c, src, None, r.len(), k > 0)?.unwrap_or(c))
             }
         };
-        let mut out = pipe.run_reading(&run, compiled.as_ref(), &carry, |i, _| {
-            progress(k * opts.steps + i, total)
+        let mut out = pipe.run_reading(&run, compiled.as_ref(), &carry, |i, n| {
+            progress(k * n + i, windows * n)
         })?;
-        carry = out.stored.take(&window::carry_name(GENERATE_PASS));
+        carry = out.stored.take(&window::carry_name(None));
         frames.extend(out.images);
     }
     Ok(frames)
 }
-
-/// The pass name of a generated clip's carried K/V (`stored.carry-generate.<layer>`).
-const GENERATE_PASS: &str = "generate";
 
 /// Items `r` of a batch `[F, ...]`.
 pub(crate) fn frames_of(t: &HostTensor, r: std::ops::Range<usize>) -> HostTensor {

@@ -7,8 +7,8 @@
 //!
 //! The carry is a rewrite of a pass's compiled graphs: at every layer whose K/V a
 //! `ReplaceKv(source: Frames([...]))` gathers, the K/V input (before `to_k`/`to_v`) of the
-//! carried frames comes in as input `stored.carry-<pass>.<layer>` (`[2·groups, N, C]`: the
-//! anchors, then the previous frames, one per CFG half), is projected with the window's own
+//! carried frames comes in as input `stored.carry:<pass>.<layer>` (`[2·groups, N, C]`: the
+//! anchors, then the previous frames when the recipe reads them, one per CFG half), is projected with the window's own
 //! frames, and the gathers read it; the same name is an output holding this window's anchor and
 //! last frame, kept per timestep (`reduce: Each`) for the next window.
 //!
@@ -67,9 +67,17 @@ pub fn windows(frames: usize, size: usize) -> Vec<Range<usize>> {
         .collect()
 }
 
-/// The store name of a pass's carried K/V (`stored.carry-<pass>.<layer>`).
-pub fn carry_name(pass: &str) -> String {
-    format!("carry-{pass}")
+/// The store name of a pass's carried K/V (`stored.carry:<pass>.<layer>`; a recipe's store
+/// names cannot hold `:`, so none can clash with it).
+pub fn carry_name(pass: Option<&str>) -> String {
+    format!("carry:{}", pass.unwrap_or("run"))
+}
+
+/// Whether a store output (`stored.<name>.<layer>`) is a window's carried K/V.
+pub fn is_carry(key: &str) -> bool {
+    Key::parse(key)
+        .store_parts()
+        .is_some_and(|(name, _)| name.starts_with("carry:"))
 }
 
 /// A frame a window's gather reads, in window terms.
@@ -81,13 +89,14 @@ enum Read {
 }
 
 /// What a pass's K/V gathers read: the recipe's `ReplaceKv(Frames(list))` sources of pass
-/// `pass` (with the layer's own K/V last for `ConcatWithSelf`), or `None` when no rewrite of
+/// `pass` (`None`: a one-pass run, every rewrite) (with the layer's own K/V last for
+/// `ConcatWithSelf`), or `None` when no rewrite of
 /// the pass gathers other frames (its windows are independent).
-fn reads(src: &Source, pass: &str) -> Result<Option<Vec<Read>>, WindowError> {
+fn reads(src: &Source, pass: Option<&str>) -> Result<Option<Vec<Read>>, WindowError> {
     let recipe = src.file.display().to_string();
     let mut found: Option<(Vec<FrameSrc>, Vec<Read>)> = None;
     for (i, rw) in src.recipe.rewrites.iter().enumerate() {
-        if !rw.in_pass(Some(pass)) {
+        if !rw.in_pass(pass) {
             continue;
         }
         let RewriteOp::ReplaceKv {
@@ -135,11 +144,22 @@ fn reads(src: &Source, pass: &str) -> Result<Option<Vec<Read>>, WindowError> {
 pub fn carry(
     compiled: &Compiled,
     src: &Source,
-    pass: &str,
+    pass: Option<&str>,
     frames: usize,
     reads_carry: bool,
 ) -> Result<Option<Compiled>, WindowError> {
     let Some(list) = reads(src, pass)? else {
+        // Nothing gathers other frames: the windows are independent. (A gather the recipe's
+        // sources do not explain would be left uncarried: refuse it.)
+        if let Some(layer) = compiled.segments.iter().find_map(|s| {
+            s.graph
+                .g
+                .node_indices()
+                .find(|&n| matches!(s.graph.g[n].op, Op::KvGather { .. }))
+                .map(|n| s.graph.g[n].path.clone())
+        }) {
+            return Err(WindowError::Gather { layer });
+        }
         return Ok(None);
     };
     if compiled.cache.is_some() {
@@ -176,13 +196,19 @@ fn whole(list: &[Read], frames: usize, groups: usize) -> Vec<Vec<usize>> {
         .collect()
 }
 
-/// The gather index when the carried rows (`groups` anchors, then `groups` previous frames)
-/// come first (`carried`), else the first window's.
+/// How many rows a window carries: an anchor per group, and a previous frame per group when
+/// the list reads one.
+fn carried_rows(list: &[Read], groups: usize) -> usize {
+    groups * (1 + usize::from(list.contains(&Read::Prev)))
+}
+
+/// The gather index when the carried rows (`groups` anchors, then `groups` previous frames
+/// when read) come first (`carried`), else the first window's.
 fn windowed(list: &[Read], frames: usize, groups: usize, carried: bool) -> Vec<Vec<usize>> {
     if !carried {
         return whole(list, frames, groups);
     }
-    let off = 2 * groups;
+    let off = carried_rows(list, groups);
     list.iter()
         .map(|r| {
             (0..frames * groups)
@@ -258,7 +284,7 @@ fn carry_graph(
                 "",
                 Op::Input {
                     name: key.clone(),
-                    shape: vec![2 * groups, tokens, channels],
+                    shape: vec![carried_rows(list, groups), tokens, channels],
                 },
                 &[],
             );
@@ -282,11 +308,21 @@ fn carry_graph(
             patch.reroute.push((gk, new));
             patch.remove.push(gk);
         }
-        // This window's anchors (carried on, or its own first frames) and last frames.
-        let off = if carried { 2 * groups } else { 0 };
+        // This window's anchors (carried on, or its own first frames) and, when read, last
+        // frames.
+        let off = if carried {
+            carried_rows(list, groups)
+        } else {
+            0
+        };
+        let prev = if list.contains(&Read::Prev) {
+            groups
+        } else {
+            0
+        };
         let rows: Vec<usize> = (0..groups)
             .map(|grp| if carried { grp } else { grp * frames })
-            .chain((0..groups).map(|grp| off + grp * frames + frames - 1))
+            .chain((0..prev).map(|grp| off + grp * frames + frames - 1))
             .collect();
         let kept = patch.add(layer.as_str(), Op::KvGather { index: vec![rows] }, &[xe]);
         patch.add("", Op::Output { name: key.clone() }, &[kept]);
@@ -320,5 +356,9 @@ mod tests {
         // The first window is the whole-batch gather.
         assert_eq!(windowed(&list, 3, 2, false), whole(&list, 3, 2));
         assert_eq!(whole(&list, 3, 2)[1], vec![0, 0, 1, 3, 3, 4]);
+        // Cross-frame attention to the first frame carries the anchors only.
+        let first = [Read::First];
+        assert_eq!(carried_rows(&first, 2), 2);
+        assert_eq!(windowed(&first, 2, 2, true), vec![vec![0, 0, 1, 1]]);
     }
 }
