@@ -74,10 +74,11 @@ pub fn generate(
         ),
     };
     let latents = warp_latents(&x_t, opts.frames, opts.motion);
-    let ranges = match opts.window {
-        Some(w) if w > 0 && w < opts.frames => window::windows(opts.frames, w),
-        _ => vec![0..opts.frames],
+    let size = match opts.window {
+        Some(w) if w > 0 && w < opts.frames => w,
+        _ => opts.frames,
     };
+    let ranges = window::windows(opts.frames, size);
     if ranges.len() == 1 {
         run.latents = Some(latents);
         return Ok(pipe.run(&run, recipe, progress)?.images);
