@@ -117,13 +117,11 @@ pub(super) fn fuse_layer(
     base: &Graph,
     unbound_words: bool,
 ) -> (Fusion, Option<Patch>) {
-    let mix =
-        g.g.node_indices()
-            .find(|&n| g.g[n].path == path && matches!(g.g[n].op, Op::AttnMix { .. }));
+    let mix = g.find(path, |op| matches!(op, Op::AttnMix { .. }));
     let Some(mix) = mix else {
         return (Fusion::Blocked(WhyNot::NoMaterialised), None);
     };
-    let Op::AttnMix { items, .. } = &g.g[mix].op else {
+    let Op::AttnMix { items, .. } = &g.node(mix).op else {
         unreachable!()
     };
     let items = items.clone();
@@ -132,8 +130,8 @@ pub(super) fn fuse_layer(
     let mut chain = Vec::new();
     let mut cur = ins[3];
     loop {
-        let n = &g.g[cur];
-        let consumers = g.g.neighbors_directed(cur, Direction::Outgoing).count();
+        let n = g.node(cur);
+        let consumers = g.consumers(cur).count();
         if consumers > 1 {
             return (Fusion::Blocked(WhyNot::Stored { items }), None);
         }
@@ -175,7 +173,7 @@ pub(super) fn fuse_layer(
             weights,
             renormalize,
             ..
-        } = &g.g[n].op
+        } = &g.node(n).op
         else {
             unreachable!()
         };

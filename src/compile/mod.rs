@@ -30,7 +30,6 @@ use crate::graph::{AttnInfo, Graph, GraphError, InputSpec, Op};
 use crate::recipe::spans::Seg;
 use crate::recipe::{RecipeError, RewriteOp, Source, Steps, at};
 use crate::unet::{ModelError, UNet};
-use petgraph::Direction;
 use petgraph::stable_graph::NodeIndex;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
@@ -601,7 +600,7 @@ pub fn compile_graph(
                 .collect();
             let mut items: BTreeSet<usize> = BTreeSet::new();
             if !probs.is_empty() {
-                let info = match &graph.g[node].op {
+                let info = match &graph.node(node).op {
                     Op::Attention(a) => a.clone(),
                     _ => info.clone(),
                 };

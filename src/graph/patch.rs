@@ -3,10 +3,8 @@
 //! left without consumers. [`Graph::apply`] applies one; the pass runner checks the graph after
 //! each.
 
-use super::{Graph, GraphError, Node, Op, Wire};
-use petgraph::Direction;
+use super::{Graph, GraphError, Op};
 use petgraph::stable_graph::NodeIndex;
-use petgraph::visit::EdgeRef;
 
 /// A node a patch reads: one already in the graph, or one the patch adds (by its position).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -55,66 +53,31 @@ impl Graph {
         };
         // Nodes go in unshaped: upstream shapes may change with this very patch.
         for (path, op, inputs) in &patch.nodes {
-            let id = self.g.add_node(Node {
-                path: path.clone(),
-                op: op.clone(),
-                shape: vec![],
-            });
+            let id = self.add_unshaped(path.clone(), op.clone());
             for (port, &s) in inputs.iter().enumerate() {
-                let src = resolve(s, &added);
-                self.g.add_edge(
-                    src,
-                    id,
-                    Wire {
-                        port,
-                        shape: vec![],
-                    },
-                );
+                self.connect(resolve(s, &added), id, port);
             }
             added.push(id);
         }
         for &(old, new) in &patch.reroute {
             let new = resolve(new, &added);
-            let edges: Vec<_> = self
-                .g
-                .edges_directed(old, Direction::Outgoing)
-                .filter(|e| !added.contains(&e.target()))
-                .map(|e| (e.id(), e.target(), e.weight().port))
-                .collect();
-            for (e, target, port) in edges {
-                self.g.remove_edge(e);
-                self.g.add_edge(
-                    new,
-                    target,
-                    Wire {
-                        port,
-                        shape: vec![],
-                    },
-                );
+            for (e, target, port) in self.out_wires(old) {
+                if added.contains(&target) {
+                    continue;
+                }
+                self.remove_wire(e);
+                self.connect(new, target, port);
             }
         }
         for &(consumer, port, new) in &patch.rewire {
             let new = resolve(new, &added);
-            let old: Vec<_> = self
-                .g
-                .edges_directed(consumer, Direction::Incoming)
-                .filter(|e| e.weight().port == port)
-                .map(|e| e.id())
-                .collect();
-            for e in old {
-                self.g.remove_edge(e);
+            for e in self.in_wires(consumer, port) {
+                self.remove_wire(e);
             }
-            self.g.add_edge(
-                new,
-                consumer,
-                Wire {
-                    port,
-                    shape: vec![],
-                },
-            );
+            self.connect(new, consumer, port);
         }
         for &n in &patch.remove {
-            self.g.remove_node(n);
+            self.remove(n);
         }
         self.reinfer()?;
         Ok(added)
