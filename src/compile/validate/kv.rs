@@ -10,11 +10,7 @@ use crate::recipe::spans::Seg;
 use crate::recipe::{RewriteOp, Source, at};
 
 /// ReplaceKv: self-attention only; frame sources against the frame count, stored ones against the passes.
-pub(super) fn replace_kv(
-    c: &Check,
-    op: &RewriteOp,
-    chosen: &mut Vec<usize>,
-) -> Result<(), CompileError> {
+pub(super) fn replace_kv(c: &Check, op: &RewriteOp, chosen: &[usize]) -> Result<(), CompileError> {
     let Check {
         src,
         layers,
@@ -34,7 +30,7 @@ pub(super) fn replace_kv(
         .find(|&&j| layers[j].2.kind == AttnKind::Cross)
     {
         return Err(src
-                    .error(&kind_path, "cross-attention", format!("ReplaceKv replaces self-attention K/V, but the selection includes cross-attention layer {} (its K/V are the prompt's {} tokens)", layers[j].1, text_len), "add kind: Some(Self) to the select")
+                    .error(kind_path, "cross-attention", format!("ReplaceKv replaces self-attention K/V, but the selection includes cross-attention layer {} (its K/V are the prompt's {} tokens)", layers[j].1, text_len), "add kind: Some(Self) to the select")
                     .into());
     }
     let sp = at(i, &[Seg::Field("op"), Seg::Field("source")]);
@@ -142,7 +138,7 @@ pub(super) fn merge(
             .find(|&&j| layers[j].2.kind == AttnKind::Cross)
     {
         return Err(src
-                    .error(&kind_path, "cross-attention", format!("MergeKv merges self-attention K/V tokens, but the selection includes cross-attention layer {}: its keys are the prompt's {} tokens, not image tokens", layers[j].1, text_len), "add kind: Some(Self) to the select")
+                    .error(kind_path, "cross-attention", format!("MergeKv merges self-attention K/V tokens, but the selection includes cross-attention layer {}: its keys are the prompt's {} tokens, not image tokens", layers[j].1, text_len), "add kind: Some(Self) to the select")
                     .into());
     }
     if let RewriteOp::MergeTokens {
@@ -156,7 +152,7 @@ pub(super) fn merge(
         if !attn && !cross && !mlp {
             return Err(src
                 .error(
-                    &op_path,
+                    op_path,
                     "merge",
                     "MergeTokens merges nothing (attn, cross and mlp are all false)",
                     "set attn: true (tomesd's default)",
@@ -178,7 +174,7 @@ pub(super) fn merge(
     if *sx == 0 || *sy == 0 {
         return Err(src
             .error(
-                &op_path,
+                op_path,
                 "merge",
                 "sx and sy must be at least 1",
                 "tomesd uses sx: 2, sy: 2",
@@ -199,7 +195,7 @@ pub(super) fn merge(
         let g = layers[j].2.grid;
         return Err(src
             .error(
-                &op_path,
+                op_path,
                 "merge",
                 format!(
                     "{sx}×{sy} cells do not fit the {}×{} token grid of {}",

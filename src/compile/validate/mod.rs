@@ -183,12 +183,10 @@ pub(super) fn rewrite(
         kind_path,
     };
     match &rw.op {
-        RewriteOp::Reweight { .. } => {
-            probs::reweight(&c, &rw.op, &mut chosen, weights, unbound_words)?
-        }
+        RewriteOp::Reweight { .. } => probs::reweight(&c, &rw.op, &chosen, weights, unbound_words)?,
         RewriteOp::Store { .. } => probs::store(&c, &rw.op, &mut chosen)?,
         RewriteOp::ReplaceMaps { .. } => probs::replace_maps(&c, &rw.op, &mut chosen, &mut items)?,
-        RewriteOp::ReplaceKv { .. } => kv::replace_kv(&c, &rw.op, &mut chosen)?,
+        RewriteOp::ReplaceKv { .. } => kv::replace_kv(&c, &rw.op, &chosen)?,
         RewriteOp::Cache {
             interval,
             branch: cb,

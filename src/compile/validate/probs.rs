@@ -13,7 +13,7 @@ use crate::recipe::{RewriteOp, at};
 pub(super) fn reweight(
     c: &Check,
     op: &RewriteOp,
-    chosen: &mut Vec<usize>,
+    chosen: &[usize],
     weights: &mut [Option<Vec<f32>>],
     unbound_words: &mut Vec<usize>,
 ) -> Result<(), CompileError> {
@@ -40,7 +40,7 @@ pub(super) fn reweight(
             .count();
         return Err(src
                     .error(
-                        &kind_path,
+                        kind_path,
                         "self-attention",
                         format!(
                             "Reweight acts on cross-attention (one weight per prompt token) but the selection includes {n} self-attention layer{} (e.g. {})",
@@ -54,7 +54,7 @@ pub(super) fn reweight(
     if tokens.is_empty() && words.is_empty() {
         return Err(src
             .error(
-                &op_path,
+                op_path,
                 "empty",
                 "Reweight names no token and no word",
                 "write Reweight(tokens: {2: 2.5}) or Reweight(words: {\"cat\": 2.0})",
@@ -255,7 +255,7 @@ pub(super) fn replace_maps(
         (crate::recipe::MapSource::BatchItem(_), None) => {
             return Err(src
                 .error(
-                    &op_path,
+                    op_path,
                     "batch-item",
                     "ReplaceMaps from a batch item needs `to`, the item that takes its maps",
                     "e.g. ReplaceMaps(from: BatchItem(2), to: BatchItem(3))",
@@ -314,7 +314,7 @@ pub(super) fn replace_maps(
     if pair.is_some_and(|(f, t)| f == t) {
         return Err(src
             .error(
-                &op_path,
+                op_path,
                 "batch-item",
                 "ReplaceMaps from and to are the same item",
                 "replace one prompt's maps with another's",
@@ -330,7 +330,7 @@ pub(super) fn replace_maps(
         None if !selfs.is_empty() => {
             return Err(src
                         .error(
-                            &kind_path,
+                            kind_path,
                             "self-attention",
                             format!("ReplaceMaps would replace self-attention maps on {} layer{} (e.g. {}) but self_max_queries is not set", selfs.len(), if selfs.len() == 1 { "" } else { "s" }, layers[selfs[0]].1),
                             "add kind: Some(Cross), or set self_max_queries: Some(N) to replace self-attention maps on layers with at most N queries (prompt-to-prompt: 16×16 = 256 on SD's 64×64 latents)",
@@ -345,7 +345,7 @@ pub(super) fn replace_maps(
     if chosen.is_empty() {
         return Err(src
             .error(
-                &op_path,
+                op_path,
                 "no-match",
                 "ReplaceMaps' self_max_queries leaves none of the selected layers",
                 "raise self_max_queries",
