@@ -473,4 +473,25 @@ mod tests {
         assert!(g.by_path("missing").is_empty());
         g.check(None).unwrap();
     }
+
+    #[test]
+    fn a_patch_checks_what_it_wires_before_the_graph_changes() {
+        let mut g = Graph::new(spec());
+        let input = |name: &str, shape: Vec<usize>| Op::Input {
+            name: name.into(),
+            shape,
+        };
+        let x = g.add("", input("x", vec![1, 4]), &[]).unwrap();
+        let y = g.add("", input("y", vec![1, 5]), &[]).unwrap();
+        let mut p = Patch::new("bad add");
+        let s = p.add("blk.sum", Op::Silu, &[Src::Old(x)]);
+        p.add("blk.bad", Op::Add { scale: 1.0 }, &[s, Src::Old(y)]);
+        let e = g.apply(&p).unwrap_err().to_string();
+        assert!(
+            e.starts_with("blk.bad (add): operands [1, 4] and [1, 5] differ"),
+            "{e}"
+        );
+        assert_eq!(g.node_count(), 2, "nothing applied");
+        assert!(g.by_path("blk.sum").is_empty());
+    }
 }

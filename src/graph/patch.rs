@@ -3,8 +3,9 @@
 //! left without consumers. [`Graph::apply`] applies one; the pass runner checks the graph after
 //! each.
 
-use super::{Graph, GraphError, Op};
+use super::{Graph, GraphError, Op, Shape};
 use petgraph::stable_graph::NodeIndex;
+use std::collections::HashSet;
 
 /// A node a patch reads: one already in the graph, or one the patch adds (by its position).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -43,9 +44,63 @@ impl Patch {
     }
 }
 
+impl Patch {
+    /// Checks what the patch wires before anything changes: every new node's arity, and its
+    /// shape inferred from its inputs' (an existing node's shape, or a new node's inferred one).
+    /// Inputs downstream of a reroute or rewire of this very patch may change shape when it
+    /// applies: nodes reading them are left to [`Graph::apply`]'s re-inference. An error names
+    /// the node's path and op.
+    pub fn check(&self, g: &Graph) -> Result<(), GraphError> {
+        // Existing nodes whose shape this patch may change.
+        let mut moved: HashSet<NodeIndex> = HashSet::new();
+        let mut todo: Vec<NodeIndex> = self.rewire.iter().map(|&(c, _, _)| c).collect();
+        for &(old, _) in &self.reroute {
+            todo.extend(g.consumers(old));
+        }
+        while let Some(n) = todo.pop() {
+            if g.get(n).is_some() && moved.insert(n) {
+                todo.extend(g.consumers(n));
+            }
+        }
+        let mut shapes: Vec<Option<Shape>> = Vec::with_capacity(self.nodes.len());
+        for (path, op, inputs) in &self.nodes {
+            if inputs.len() != op.arity() {
+                return Err(GraphError::Arity {
+                    path: path.clone(),
+                    op: op.name().into(),
+                    expected: op.arity(),
+                    found: inputs.len(),
+                });
+            }
+            let known: Option<Vec<&[usize]>> = inputs
+                .iter()
+                .map(|&s| match s {
+                    Src::Old(n) if !moved.contains(&n) => {
+                        g.get(n).map(|node| node.shape.as_slice())
+                    }
+                    Src::Old(_) => None,
+                    Src::New(i) => shapes.get(i).and_then(|s| s.as_deref()),
+                })
+                .collect();
+            let shape = match known {
+                Some(ins) => Some(op.infer(&ins).map_err(|message| GraphError::Shape {
+                    path: path.clone(),
+                    op: op.name().into(),
+                    message,
+                })?),
+                None => None,
+            };
+            shapes.push(shape);
+        }
+        Ok(())
+    }
+}
+
 impl Graph {
-    /// Applies a patch, then re-infers every shape; returns the indices of the nodes it added.
+    /// Checks a patch ([`Patch::check`]), applies it, then re-infers every shape; returns the
+    /// indices of the nodes it added.
     pub fn apply(&mut self, patch: &Patch) -> Result<Vec<NodeIndex>, GraphError> {
+        patch.check(self)?;
         let mut added: Vec<NodeIndex> = Vec::with_capacity(patch.nodes.len());
         let resolve = |s: Src, added: &[NodeIndex]| match s {
             Src::Old(n) => n,
