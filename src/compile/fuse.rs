@@ -160,10 +160,8 @@ pub(super) fn fuse_layer(
     chain.reverse(); // AttnProbs first
     let b = g.spec.batch;
     let info = base
-        .attention_layers()
-        .into_iter()
-        .find(|(_, p, _)| *p == path)
-        .map(|(_, _, a)| a.clone())
+        .attention(path)
+        .map(|(_, a)| a.clone())
         .expect("layer exists in the base graph");
     let keys = info.keys;
     let mut scale = vec![1.0f32; b * keys];

@@ -166,10 +166,8 @@ impl Compiled {
         let mut patch = Patch::new(format!("record reference \"{name}\""));
         for r in self.records.iter().filter(|r| r.name == name) {
             let node = g
-                .attention_layers()
-                .into_iter()
-                .find(|(_, p, _)| *p == r.layer)
-                .map(|(n, _, _)| n)
+                .attention(&r.layer)
+                .map(|(n, _)| n)
                 .ok_or_else(|| GraphError::Shape {
                     path: r.layer.clone(),
                     op: "record".into(),

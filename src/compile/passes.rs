@@ -339,16 +339,13 @@ pub(super) fn run_segment(
         match pass.scope {
             Scope::Pending => {
                 for r in reports.iter_mut().filter(|r| r.fusion.pending()) {
-                    let (node, _, info) = facts
-                        .iter()
-                        .find(|(_, p, _)| *p == r.path)
-                        .expect("a reported layer");
+                    let (node, info) = base.attention(&r.path).expect("a reported layer");
                     let rewrites: Vec<&Landing> = ctx.landings[&r.path]
                         .iter()
                         .filter(|l| r.rewrites.contains(&l.rewrite))
                         .collect();
                     let c = Ctx {
-                        layer: Some((*node, r.path.as_str(), info)),
+                        layer: Some((node, r.path.as_str(), info)),
                         rewrites: &rewrites,
                         ..ctx
                     };

@@ -45,6 +45,8 @@ pub struct Graph {
     g: StableDiGraph<Node, Wire>,
     /// Path → the ids of the nodes with that path, in id order (the order a scan would find).
     paths: HashMap<String, Vec<NodeIndex>>,
+    /// Input name → the ids of the `Input` nodes with that name, in id order.
+    names: HashMap<String, Vec<NodeIndex>>,
     pub spec: InputSpec,
 }
 
@@ -53,6 +55,7 @@ impl Graph {
         Graph {
             g: StableDiGraph::new(),
             paths: HashMap::new(),
+            names: HashMap::new(),
             spec,
         }
     }
@@ -153,22 +156,22 @@ impl Graph {
         self.g.remove_edge(e);
     }
 
-    /// Removes a node (and its wires), dropping it from the path index.
+    /// Removes a node (and its wires), dropping it from the indices.
     pub(super) fn remove(&mut self, n: NodeIndex) {
-        if let Some(node) = self.g.remove_node(n)
-            && let Some(ids) = self.paths.get_mut(&node.path)
-        {
-            ids.retain(|&i| i != n);
-            if ids.is_empty() {
-                self.paths.remove(&node.path);
+        if let Some(node) = self.g.remove_node(n) {
+            unindex(&mut self.paths, &node.path, n);
+            if let Op::Input { name, .. } = &node.op {
+                unindex(&mut self.names, name, n);
             }
         }
     }
 
     fn index(&mut self, id: NodeIndex) {
-        let ids = self.paths.entry(self.g[id].path.clone()).or_default();
-        let at = ids.partition_point(|&i| i < id);
-        ids.insert(at, id);
+        let node = &self.g[id];
+        reindex(&mut self.paths, &node.path, id);
+        if let Op::Input { name, .. } = &node.op {
+            reindex(&mut self.names, name, id);
+        }
     }
 
     /// Adds a node fed by `inputs` (in port order), inferring its output shape.
@@ -231,11 +234,19 @@ impl Graph {
         })
     }
 
-    /// Finds an input node by name: a path lookup (inputs are named by their path), else a scan.
+    /// Finds an input node by name (an index lookup).
     pub fn input(&self, name: &str) -> Option<NodeIndex> {
-        let is = |op: &Op| matches!(op, Op::Input { name: n, .. } if n == name);
-        self.find(name, is)
-            .or_else(|| self.g.node_indices().find(|&i| is(&self.g[i].op)))
+        self.names.get(name).and_then(|ids| ids.first().copied())
+    }
+
+    /// The attention node at `path` and its facts (a path lookup).
+    pub fn attention(&self, path: &str) -> Option<(NodeIndex, &AttnInfo)> {
+        self.by_path(path)
+            .iter()
+            .find_map(|&n| match &self.g[n].op {
+                Op::Attention(a) => Some((n, a)),
+                _ => None,
+            })
     }
 
     /// The graph's input nodes.
@@ -429,69 +440,19 @@ impl Graph {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::graph::patch::{Patch, Src};
+/// Adds `id` under `key`, keeping the ids in id order.
+fn reindex(map: &mut HashMap<String, Vec<NodeIndex>>, key: &str, id: NodeIndex) {
+    let ids = map.entry(key.to_string()).or_default();
+    let at = ids.partition_point(|&i| i < id);
+    ids.insert(at, id);
+}
 
-    fn spec() -> InputSpec {
-        InputSpec {
-            batch: 1,
-            height: 4,
-            width: 4,
-            text_len: 2,
-            timesteps: 1,
-            time_ids: 0,
+/// Drops `id` from under `key`.
+fn unindex(map: &mut HashMap<String, Vec<NodeIndex>>, key: &str, id: NodeIndex) {
+    if let Some(ids) = map.get_mut(key) {
+        ids.retain(|&i| i != id);
+        if ids.is_empty() {
+            map.remove(key);
         }
-    }
-
-    #[test]
-    fn the_path_index_follows_add_apply_and_remove() {
-        let mut g = Graph::new(spec());
-        let x = g
-            .add(
-                "x",
-                Op::Input {
-                    name: "x".into(),
-                    shape: vec![1, 4],
-                },
-                &[],
-            )
-            .unwrap();
-        let a = g.add("blk", Op::Silu, &[x]).unwrap();
-        let b = g.add("blk", Op::Silu, &[a]).unwrap();
-        assert_eq!(g.by_path("blk"), &[a, b]);
-        assert_eq!(g.input("x"), Some(x));
-        let mut p = Patch::new("test");
-        let c = p.add("other", Op::Silu, &[Src::Old(a)]);
-        p.reroute.push((b, c));
-        p.remove.push(b);
-        let added = g.apply(&p).unwrap();
-        assert_eq!(g.by_path("blk"), &[a]);
-        assert_eq!(g.by_path("other"), added.as_slice());
-        assert_eq!(g.find("other", |o| matches!(o, Op::Silu)), Some(added[0]));
-        assert!(g.by_path("missing").is_empty());
-        g.check(None).unwrap();
-    }
-
-    #[test]
-    fn a_patch_checks_what_it_wires_before_the_graph_changes() {
-        let mut g = Graph::new(spec());
-        let input = |name: &str, shape: Vec<usize>| Op::Input {
-            name: name.into(),
-            shape,
-        };
-        let x = g.add("", input("x", vec![1, 4]), &[]).unwrap();
-        let y = g.add("", input("y", vec![1, 5]), &[]).unwrap();
-        let mut p = Patch::new("bad add");
-        let s = p.add("blk.sum", Op::Silu, &[Src::Old(x)]);
-        p.add("blk.bad", Op::Add { scale: 1.0 }, &[s, Src::Old(y)]);
-        let e = g.apply(&p).unwrap_err().to_string();
-        assert!(
-            e.starts_with("blk.bad (add): operands [1, 4] and [1, 5] differ"),
-            "{e}"
-        );
-        assert_eq!(g.node_count(), 2, "nothing applied");
-        assert!(g.by_path("blk.sum").is_empty());
     }
 }

@@ -138,3 +138,70 @@ impl Graph {
         Ok(added)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::graph::InputSpec;
+
+    fn spec() -> InputSpec {
+        InputSpec {
+            batch: 1,
+            height: 4,
+            width: 4,
+            text_len: 2,
+            timesteps: 1,
+            time_ids: 0,
+        }
+    }
+
+    #[test]
+    fn the_path_index_follows_add_apply_and_remove() {
+        let mut g = Graph::new(spec());
+        let x = g
+            .add(
+                "x",
+                Op::Input {
+                    name: "x".into(),
+                    shape: vec![1, 4],
+                },
+                &[],
+            )
+            .unwrap();
+        let a = g.add("blk", Op::Silu, &[x]).unwrap();
+        let b = g.add("blk", Op::Silu, &[a]).unwrap();
+        assert_eq!(g.by_path("blk"), &[a, b]);
+        assert_eq!(g.input("x"), Some(x));
+        let mut p = Patch::new("test");
+        let c = p.add("other", Op::Silu, &[Src::Old(a)]);
+        p.reroute.push((b, c));
+        p.remove.push(b);
+        let added = g.apply(&p).unwrap();
+        assert_eq!(g.by_path("blk"), &[a]);
+        assert_eq!(g.by_path("other"), added.as_slice());
+        assert_eq!(g.find("other", |o| matches!(o, Op::Silu)), Some(added[0]));
+        assert!(g.by_path("missing").is_empty());
+        g.check(None).unwrap();
+    }
+
+    #[test]
+    fn a_patch_checks_what_it_wires_before_the_graph_changes() {
+        let mut g = Graph::new(spec());
+        let input = |name: &str, shape: Vec<usize>| Op::Input {
+            name: name.into(),
+            shape,
+        };
+        let x = g.add("", input("x", vec![1, 4]), &[]).unwrap();
+        let y = g.add("", input("y", vec![1, 5]), &[]).unwrap();
+        let mut p = Patch::new("bad add");
+        let s = p.add("blk.sum", Op::Silu, &[Src::Old(x)]);
+        p.add("blk.bad", Op::Add { scale: 1.0 }, &[s, Src::Old(y)]);
+        let e = g.apply(&p).unwrap_err().to_string();
+        assert!(
+            e.starts_with("blk.bad (add): operands [1, 4] and [1, 5] differ"),
+            "{e}"
+        );
+        assert_eq!(g.node_count(), 2, "nothing applied");
+        assert!(g.by_path("blk.sum").is_empty());
+    }
+}
