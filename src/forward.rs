@@ -168,6 +168,7 @@ fn compiled(
             }),
             pass: None,
             passes: Vec::new(),
+            stop_after: None,
         };
         Ok(Some(compile::compile_graph(&src, base, &opts)?))
     } else if let (Some(p), Some(plan)) = (&a.plan, plan_file) {

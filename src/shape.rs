@@ -159,6 +159,7 @@ pub fn compile_for(
         references: None,
         pass: shape.pass.clone(),
         passes: Vec::new(),
+        stop_after: None,
     };
     let c = compile::compile(&src, &unet, spec, &opts)?;
     Ok((unet, src, c))

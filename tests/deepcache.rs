@@ -103,7 +103,7 @@ fn cached_steps_run_only_the_shallow_branch() {
     let full = &seg.graph;
     assert!(full.outputs().iter().any(|(n, _)| n == cache::FEATURES));
     let g = seg.cached.as_ref().unwrap();
-    let paths: Vec<&str> = g.g.node_indices().map(|n| g.g[n].path.as_str()).collect();
+    let paths: Vec<&str> = g.nodes().map(|n| g.node(n).path.as_str()).collect();
     // The manifest's rule: time embedding, conv_in, up_blocks.2.resnets.1,
     // up_blocks.2.attentions.1, conv_norm_out, conv_out; nothing else.
     for p in &paths {
@@ -135,7 +135,7 @@ fn cached_steps_run_only_the_shallow_branch() {
     assert_eq!(d.resume, "up_blocks.2.resnets.0");
     assert_eq!(d.shape, vec![2, 128, 16, 16]);
     let g = c.segments[0].cached.as_ref().unwrap();
-    let paths: Vec<&str> = g.g.node_indices().map(|n| g.g[n].path.as_str()).collect();
+    let paths: Vec<&str> = g.nodes().map(|n| g.node(n).path.as_str()).collect();
     assert!(
         paths
             .iter()

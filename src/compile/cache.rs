@@ -73,8 +73,8 @@ pub enum CacheError {
 /// The up layers (`up_blocks.U.resnets.R` concatenations) by up block.
 fn up_layers(g: &Graph) -> Vec<Vec<(usize, NodeIndex)>> {
     let mut blocks: Vec<Vec<(usize, NodeIndex)>> = Vec::new();
-    for n in g.g.node_indices() {
-        let node = &g.g[n];
+    for n in g.nodes() {
+        let node = g.node(n);
         if !matches!(node.op, Op::Concat { .. }) {
             continue;
         }
@@ -131,9 +131,9 @@ pub fn resolve(
         rewrite,
         interval,
         branch,
-        feature: g.g[feature].path.clone(),
-        resume: g.g[cat].path.clone(),
-        shape: g.g[feature].shape.clone(),
+        feature: g.node(feature).path.clone(),
+        resume: g.node(cat).path.clone(),
+        shape: g.node(feature).shape.clone(),
     })
 }
 
@@ -176,7 +176,7 @@ pub fn split(g: &Graph, spec: &CacheSpec) -> Result<(Patch, Graph), CacheError> 
         "",
         Op::Input {
             name: FEATURES.into(),
-            shape: g.g[feature].shape.clone(),
+            shape: g.node(feature).shape.clone(),
         },
         &[],
     );
@@ -203,11 +203,7 @@ pub fn split(g: &Graph, spec: &CacheSpec) -> Result<(Patch, Graph), CacheError> 
     }
     let live = needed(&cached, outputs.iter().map(|&(_, n)| n));
     let mut prune = Patch::new("cache: drop what cached steps skip");
-    prune.remove = cached
-        .g
-        .node_indices()
-        .filter(|n| !live.contains(n))
-        .collect();
+    prune.remove = cached.nodes().filter(|n| !live.contains(n)).collect();
     cached.apply(&prune)?;
     cached.check(None)?;
     Ok((record, cached))

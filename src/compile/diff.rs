@@ -35,8 +35,8 @@ pub struct SegmentDiff {
 
 fn ops_at(g: &Graph, path: &str) -> BTreeMap<String, usize> {
     let mut m = BTreeMap::new();
-    for n in g.g.node_indices() {
-        let node = &g.g[n];
+    for n in g.nodes() {
+        let node = g.node(n);
         if node.path == path {
             *m.entry(node.op.name().to_string()).or_insert(0) += 1;
         }
@@ -65,8 +65,8 @@ pub fn segment(base: &Graph, seg: &Segment) -> SegmentDiff {
             let added = expand(&after, &before);
             let g = &seg.graph;
             let mut placed = Vec::new();
-            for n in g.g.node_indices() {
-                let node = &g.g[n];
+            for n in g.nodes() {
+                let node = g.node(n);
                 let name = node.op.name();
                 if node.path != r.path
                     || before.contains_key(name)
@@ -74,21 +74,21 @@ pub fn segment(base: &Graph, seg: &Segment) -> SegmentDiff {
                 {
                     continue;
                 }
-                let mut to: Vec<String> =
-                    g.g.neighbors_directed(n, petgraph::Direction::Outgoing)
-                        .map(|c| {
-                            let cn = &g.g[c];
-                            let short = cn
-                                .path
-                                .strip_prefix(&format!("{}.", r.path))
-                                .unwrap_or(&cn.path);
-                            if short == r.path || short.is_empty() {
-                                cn.op.name().to_string()
-                            } else {
-                                short.to_string()
-                            }
-                        })
-                        .collect();
+                let mut to: Vec<String> = g
+                    .consumers(n)
+                    .map(|c| {
+                        let cn = g.node(c);
+                        let short = cn
+                            .path
+                            .strip_prefix(&format!("{}.", r.path))
+                            .unwrap_or(&cn.path);
+                        if short == r.path || short.is_empty() {
+                            cn.op.name().to_string()
+                        } else {
+                            short.to_string()
+                        }
+                    })
+                    .collect();
                 to.sort();
                 to.dedup();
                 placed.push(format!("{name} → {}", to.join(", ")));
@@ -118,8 +118,8 @@ pub fn segment(base: &Graph, seg: &Segment) -> SegmentDiff {
         steps: seg.steps,
         layers,
         outputs_added,
-        nodes_before: base.g.node_count(),
-        nodes_after: seg.graph.g.node_count(),
+        nodes_before: base.node_count(),
+        nodes_after: seg.graph.node_count(),
     }
 }
 
@@ -199,8 +199,8 @@ pub fn dot(c: &Compiled) -> String {
             );
             let g = &seg.graph;
             let mut added = l.added.clone();
-            for n in g.g.node_indices().filter(|&n| g.g[n].path == l.path) {
-                let name = g.g[n].op.name();
+            for &n in g.by_path(&l.path) {
+                let name = g.node(n).op.name();
                 let fresh = if let Some(p) = added.iter().position(|a| a == name) {
                     added.remove(p);
                     true
@@ -216,10 +216,10 @@ pub fn dot(c: &Compiled) -> String {
                     s,
                     "    s{si}n{} [label=\"{name}\\n{:?}\"{color}];",
                     n.index(),
-                    g.g[n].shape
+                    g.node(n).shape
                 );
                 for src in g.inputs_of(n) {
-                    if g.g[src].path == l.path {
+                    if g.node(src).path == l.path {
                         let _ = writeln!(s, "    s{si}n{} -> s{si}n{};", src.index(), n.index());
                     }
                 }

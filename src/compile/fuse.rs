@@ -117,13 +117,11 @@ pub(super) fn fuse_layer(
     base: &Graph,
     unbound_words: bool,
 ) -> (Fusion, Option<Patch>) {
-    let mix =
-        g.g.node_indices()
-            .find(|&n| g.g[n].path == path && matches!(g.g[n].op, Op::AttnMix { .. }));
+    let mix = g.find(path, |op| matches!(op, Op::AttnMix { .. }));
     let Some(mix) = mix else {
         return (Fusion::Blocked(WhyNot::NoMaterialised), None);
     };
-    let Op::AttnMix { items, .. } = &g.g[mix].op else {
+    let Op::AttnMix { items, .. } = &g.node(mix).op else {
         unreachable!()
     };
     let items = items.clone();
@@ -132,8 +130,8 @@ pub(super) fn fuse_layer(
     let mut chain = Vec::new();
     let mut cur = ins[3];
     loop {
-        let n = &g.g[cur];
-        let consumers = g.g.neighbors_directed(cur, Direction::Outgoing).count();
+        let n = g.node(cur);
+        let consumers = g.consumers(cur).count();
         if consumers > 1 {
             return (Fusion::Blocked(WhyNot::Stored { items }), None);
         }
@@ -162,10 +160,8 @@ pub(super) fn fuse_layer(
     chain.reverse(); // AttnProbs first
     let b = g.spec.batch;
     let info = base
-        .attention_layers()
-        .into_iter()
-        .find(|(_, p, _)| *p == path)
-        .map(|(_, _, a)| a.clone())
+        .attention(path)
+        .map(|(_, a)| a.clone())
         .expect("layer exists in the base graph");
     let keys = info.keys;
     let mut scale = vec![1.0f32; b * keys];
@@ -175,7 +171,7 @@ pub(super) fn fuse_layer(
             weights,
             renormalize,
             ..
-        } = &g.g[n].op
+        } = &g.node(n).op
         else {
             unreachable!()
         };

@@ -56,7 +56,7 @@ pub fn split(g: &Graph) -> Result<Option<Split>, GraphError> {
     // Constant nodes: constant inputs, and ops (with inputs) whose inputs are all constant.
     let mut constant: HashSet<NodeIndex> = HashSet::new();
     for &n in &order {
-        let node = &g.g[n];
+        let node = g.node(n);
         let is = match &node.op {
             Op::Input { name, .. } => constant_input(name),
             Op::Output { .. } => false,
@@ -72,16 +72,13 @@ pub fn split(g: &Graph) -> Result<Option<Split>, GraphError> {
     let computed: Vec<NodeIndex> = order
         .iter()
         .copied()
-        .filter(|n| constant.contains(n) && !matches!(g.g[*n].op, Op::Input { .. }))
+        .filter(|n| constant.contains(n) && !matches!(g.node(*n).op, Op::Input { .. }))
         .collect();
     if computed.is_empty() {
         return Ok(None);
     }
     // The boundary: computed constants read by a per-step node or an output.
-    let consumers = |n: NodeIndex| {
-        g.g.neighbors_directed(n, petgraph::Direction::Outgoing)
-            .collect::<Vec<_>>()
-    };
+    let consumers = |n: NodeIndex| g.consumers(n).collect::<Vec<_>>();
     let boundary: Vec<NodeIndex> = computed
         .iter()
         .copied()
@@ -94,9 +91,9 @@ pub fn split(g: &Graph) -> Result<Option<Split>, GraphError> {
             let ins: Vec<&[usize]> = g
                 .inputs_of(n)
                 .iter()
-                .map(|&i| g.g[i].shape.as_slice())
+                .map(|&i| g.node(i).shape.as_slice())
                 .collect();
-            g.g[n].op.flops(&ins, &g.g[n].shape)
+            g.node(n).op.flops(&ins, &g.node(n).shape)
         })
         .sum();
     let values: Vec<Hoisted> = boundary
@@ -104,9 +101,9 @@ pub fn split(g: &Graph) -> Result<Option<Split>, GraphError> {
         .enumerate()
         .map(|(k, &n)| Hoisted {
             name: Key::Hoisted(k).to_string(),
-            path: g.g[n].path.clone(),
-            op: g.g[n].op.name(),
-            shape: g.g[n].shape.clone(),
+            path: g.node(n).path.clone(),
+            op: g.node(n).op.name(),
+            shape: g.node(n).shape.clone(),
         })
         .collect();
 
@@ -161,7 +158,7 @@ fn prune(g: &mut Graph) -> Result<(), GraphError> {
         }
     }
     let mut p = Patch::new("prune");
-    p.remove = g.g.node_indices().filter(|n| !live.contains(n)).collect();
+    p.remove = g.nodes().filter(|n| !live.contains(n)).collect();
     if !p.remove.is_empty() {
         g.apply(&p)?;
     }

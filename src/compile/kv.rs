@@ -81,7 +81,7 @@ pub(super) fn apply_kv(
                 "",
                 Op::Input {
                     name: input.clone(),
-                    shape: g.g[kv].shape.clone(),
+                    shape: g.node(kv).shape.clone(),
                 },
                 &[],
             );
@@ -115,7 +115,7 @@ pub(super) fn apply_kv(
         } => {
             let x = g.inputs_of(to_q)[0];
             let kv = g.inputs_of(to_k)[0];
-            let Op::Attention(info) = &g.g[node].op else {
+            let Op::Attention(info) = &g.node(node).op else {
                 unreachable!("attention node")
             };
             let n = info.queries;
@@ -147,8 +147,7 @@ pub(super) fn apply_kv(
 }
 
 pub(super) fn find(g: &Graph, path: &str, pred: impl Fn(&Op) -> bool) -> Option<NodeIndex> {
-    g.g.node_indices()
-        .find(|&n| g.g[n].path == path && pred(&g.g[n].op))
+    g.find(path, pred)
 }
 
 /// tomesd on one transformer block: one merge plan from the block input, merge/unmerge around
@@ -183,7 +182,7 @@ pub(super) fn merge_tokens(
         matches!(o, Op::Attention(_))
     })
     .expect("attn1");
-    let Op::Attention(info) = &g.g[att1].op else {
+    let Op::Attention(info) = &g.node(att1).op else {
         unreachable!()
     };
     let n = info.queries;

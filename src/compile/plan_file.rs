@@ -127,8 +127,8 @@ fn graph_nodes(g: &Graph) -> Vec<NodeFile> {
     order
         .iter()
         .map(|&n| NodeFile {
-            path: g.g[n].path.clone(),
-            op: g.g[n].op.clone(),
+            path: g.node(n).path.clone(),
+            op: g.node(n).op.clone(),
             inputs: g.inputs_of(n).iter().map(|i| pos[i]).collect(),
         })
         .collect()
@@ -299,7 +299,7 @@ impl PlanFile {
         // The model's own ops by path: a plan's op that reads weights or splits heads must be one
         // of them (a forged head count or eps would otherwise run).
         let mut own: std::collections::HashMap<&str, Vec<&Op>> = std::collections::HashMap::new();
-        for n in base.g.node_indices().map(|i| &base.g[i]) {
+        for n in base.nodes().map(|i| base.node(i)) {
             own.entry(n.path.as_str()).or_default().push(&n.op);
         }
         let mut segments = Vec::new();
@@ -346,7 +346,7 @@ impl PlanFile {
                 let reads = s.cached.as_ref().is_some_and(|g| {
                     g.inputs()
                         .iter()
-                        .any(|(n, i)| n == feature && g.g[*i].shape == c.shape)
+                        .any(|(n, i)| n == feature && g.node(*i).shape == c.shape)
                 });
                 if !records || !reads {
                     return Err(format(format!(

@@ -104,7 +104,7 @@ pub fn slots(c: &Compiled) -> Vec<Slot> {
                 .outputs()
                 .into_iter()
                 .find(|(n, _)| n == name)
-                .map(|(_, i)| s.graph.g[i].shape.clone());
+                .map(|(_, i)| s.graph.node(i).shape.clone());
             if let Some(sh) = found {
                 shape = Some(sh);
                 writes = match (writes, s.steps, steps) {
@@ -140,7 +140,7 @@ pub fn slots(c: &Compiled) -> Vec<Slot> {
                 continue;
             };
             let store = store.to_string();
-            let shape = seg.graph.g[i].shape.clone();
+            let shape = seg.graph.node(i).shape.clone();
             match reads.iter_mut().find(|r| r.name == name) {
                 Some(Slot {
                     kind: SlotKind::Read { steps, .. },
@@ -170,7 +170,7 @@ pub fn slots(c: &Compiled) -> Vec<Slot> {
                     .inputs()
                     .into_iter()
                     .find(|(n, _)| *n == r.input)
-                    .map(|(_, i)| s.graph.g[i].shape.clone())
+                    .map(|(_, i)| s.graph.node(i).shape.clone())
             })
             .unwrap_or_default();
         let bytes = shape.iter().product::<usize>() * 4;

@@ -394,7 +394,7 @@ pub fn check_passes(
             };
             let e = written
                 .entry((name.to_string(), layer.to_string()))
-                .or_insert_with(|| (seg.graph.g[node].shape.clone(), Vec::new()));
+                .or_insert_with(|| (seg.graph.node(node).shape.clone(), Vec::new()));
             e.1.extend(steps(seg.steps, earlier_t.len()).filter_map(|i| earlier_t.get(i)));
         }
     }
@@ -403,7 +403,7 @@ pub fn check_passes(
             let Key::Stored { name, layer } = Key::parse(&input) else {
                 continue;
             };
-            let shape = &seg.graph.g[node].shape;
+            let shape = &seg.graph.node(node).shape;
             let Some((found, at)) = written.get(&(name.to_string(), layer.to_string())) else {
                 return Err(StoredError::Missing {
                     input: input.clone(),

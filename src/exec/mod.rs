@@ -120,9 +120,9 @@ pub fn activation_bytes(graph: &Graph) -> Result<usize, ExecError> {
     let (order, slot, last_reader) = schedule(graph)?;
     let bytes: Vec<usize> = order
         .iter()
-        .map(|&n| match graph.g[n].op {
+        .map(|&n| match graph.node(n).op {
             crate::graph::Op::Output { .. } => 0,
-            _ => graph.g[n].shape.iter().product::<usize>() * 4,
+            _ => graph.node(n).shape.iter().product::<usize>() * 4,
         })
         .collect();
     let (mut live, mut peak) = (0usize, 0usize);
@@ -212,7 +212,7 @@ impl Plan {
         let mut inputs = Vec::new();
         let mut outputs = Vec::new();
         for (i, &n) in order.iter().enumerate() {
-            let node = &graph.g[n];
+            let node = graph.node(n);
             let ins: Vec<usize> = graph.inputs_of(n).iter().map(|s| slot[s]).collect();
             // A slot read twice by one step dies only at its final read in that step.
             let mut last_use: Vec<bool> = ins.iter().map(|&s| last_reader[s] == i).collect();
@@ -240,11 +240,11 @@ impl Plan {
                     }
                 }
             };
-            let next = order.get(i + 1).map(|&m| block_of(&graph.g[m].path));
+            let next = order.get(i + 1).map(|&m| block_of(&graph.node(m).path));
             let in_shapes: Vec<&[usize]> = graph
                 .inputs_of(n)
                 .iter()
-                .map(|&m| graph.g[m].shape.as_slice())
+                .map(|&m| graph.node(m).shape.as_slice())
                 .collect();
             steps.push(Step {
                 flops: node.op.flops(&in_shapes, &node.shape),

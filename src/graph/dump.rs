@@ -45,7 +45,7 @@ pub fn text(graph: &Graph) -> String {
         order.iter().enumerate().map(|(i, &n)| (n, i)).collect();
     let mut s = String::new();
     for (i, &n) in order.iter().enumerate() {
-        let node = &graph.g[n];
+        let node = graph.node(n);
         let ins: Vec<String> = graph
             .inputs_of(n)
             .iter()
@@ -77,8 +77,8 @@ pub fn text(graph: &Graph) -> String {
 /// Graphviz DOT, attention nodes highlighted.
 pub fn dot(graph: &Graph) -> String {
     let mut s = String::from("digraph unet {\n  rankdir=TB;\n  node [shape=box, fontsize=10];\n");
-    for n in graph.g.node_indices() {
-        let node = &graph.g[n];
+    for n in graph.nodes() {
+        let node = graph.node(n);
         let style = match node.op {
             Op::Attention(_) => ", style=filled, fillcolor=\"#ffd27f\"",
             Op::Input { .. } | Op::Output { .. } => ", shape=ellipse",
@@ -93,14 +93,13 @@ pub fn dot(graph: &Graph) -> String {
             node.shape
         );
     }
-    for e in graph.g.edge_indices() {
-        let (a, b) = graph.g.edge_endpoints(e).expect("edge");
+    for (a, b, wire) in graph.edges() {
         let _ = writeln!(
             s,
             "  n{} -> n{} [label=\"{:?}\", fontsize=8];",
             a.index(),
             b.index(),
-            graph.g[e].shape
+            wire.shape
         );
     }
     s.push_str("}\n");
@@ -116,7 +115,7 @@ pub fn json(graph: &Graph) -> serde_json::Value {
         .iter()
         .enumerate()
         .map(|(i, &n)| {
-            let node = &graph.g[n];
+            let node = graph.node(n);
             json!({
                 "id": i,
                 "op": node.op.name(),

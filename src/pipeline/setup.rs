@@ -128,6 +128,7 @@ impl Pipeline {
             references: Some(vec![]),
             pass: opts.pass.clone(),
             passes: opts.passes.clone(),
+            stop_after: None,
         };
         Ok(crate::compile::compile_graph(src, &base, &copts)?)
     }

@@ -138,7 +138,7 @@ pub fn up_block(
             Op::Concat { axis: 1 },
             &[x, skip],
         )?;
-        let cin = g.g[cat].shape[1];
+        let cin = g.node(cat).shape[1];
         x = resnet(
             g,
             ctx,
@@ -166,8 +166,8 @@ pub fn up_block(
         // diffusers upsamples to the size of the next skip (forward_upsample_size), which is
         // exactly 2× whenever the latent divides evenly.
         let (h, w) = match skips.last() {
-            Some(&s) => (g.g[s].shape[2], g.g[s].shape[3]),
-            None => (g.g[x].shape[2] * 2, g.g[x].shape[3] * 2),
+            Some(&s) => (g.node(s).shape[2], g.node(s).shape[3]),
+            None => (g.node(x).shape[2] * 2, g.node(x).shape[3] * 2),
         };
         x = g.add(
             format!("{base}.upsamplers.0"),

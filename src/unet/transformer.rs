@@ -39,8 +39,8 @@ pub fn attention(
         place: Place::of_path(path),
         heads,
         head_dim: inner / heads,
-        queries: g.g[x].shape[1],
-        keys: g.g[kv].shape[1],
+        queries: g.node(x).shape[1],
+        keys: g.node(kv).shape[1],
         grid,
         // The stride-2 convs round up: the level is the power of two whose ceil-division of
         // the latent gives this grid.
@@ -68,7 +68,7 @@ pub fn transformer_2d(
     x: NodeIndex,
 ) -> Result<NodeIndex, GraphError> {
     let cfg = ctx.cfg;
-    let (h, w) = (g.g[x].shape[2], g.g[x].shape[3]);
+    let (h, w) = (g.node(x).shape[2], g.node(x).shape[3]);
     let residual = x;
     let n = g.add(
         format!("{path}.norm"),
@@ -104,7 +104,7 @@ pub fn transformer_2d(
         )?;
         g.add(path, Op::ToTokens, &[c])?
     };
-    let context_dim = g.g[ctx.context].shape[2];
+    let context_dim = g.node(ctx.context).shape[2];
     if context_dim != cross_dim {
         return Err(GraphError::Shape {
             path: path.into(),

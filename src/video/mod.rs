@@ -79,7 +79,7 @@ pub fn generate(
         _ => opts.frames,
     };
     let ranges = window::windows(opts.frames, size);
-    if ranges.len() == 1 {
+    if ranges.len() <= 1 {
         run.latents = Some(latents);
         return Ok(pipe.run(&run, recipe, progress)?.images);
     }

@@ -153,10 +153,9 @@ pub fn carry(
         // sources do not explain would be left uncarried: refuse it.)
         if let Some(layer) = compiled.segments.iter().find_map(|s| {
             s.graph
-                .g
-                .node_indices()
-                .find(|&n| matches!(s.graph.g[n].op, Op::KvGather { .. }))
-                .map(|n| s.graph.g[n].path.clone())
+                .nodes()
+                .find(|&n| matches!(s.graph.node(n).op, Op::KvGather { .. }))
+                .map(|n| s.graph.node(n).path.clone())
         }) {
             return Err(WindowError::Gather { layer });
         }
@@ -237,9 +236,9 @@ fn carry_graph(
     let batch = g.spec.batch;
     let groups = batch / frames.max(1);
     let mut layers: BTreeMap<String, Vec<NodeIndex>> = BTreeMap::new();
-    for n in g.g.node_indices() {
-        if let Op::KvGather { .. } = g.g[n].op {
-            layers.entry(g.g[n].path.clone()).or_default().push(n);
+    for n in g.nodes() {
+        if let Op::KvGather { .. } = g.node(n).op {
+            layers.entry(g.node(n).path.clone()).or_default().push(n);
         }
     }
     let expect = whole(list, frames, groups);
@@ -248,7 +247,7 @@ fn carry_graph(
     for (layer, gathers) in &layers {
         let mut x: Option<NodeIndex> = None;
         for &gk in gathers {
-            let Op::KvGather { index } = &g.g[gk].op else {
+            let Op::KvGather { index } = &g.node(gk).op else {
                 unreachable!("a gather")
             };
             if *index != expect || groups * frames != batch {
@@ -257,7 +256,7 @@ fn carry_graph(
                 });
             }
             let proj = g.inputs_of(gk)[0];
-            let input = match (&g.g[proj].op, g.inputs_of(proj).first()) {
+            let input = match (&g.node(proj).op, g.inputs_of(proj).first()) {
                 (Op::Linear { .. }, Some(&i)) => i,
                 _ => {
                     return Err(WindowError::Input {
@@ -273,7 +272,7 @@ fn carry_graph(
             x = Some(input);
         }
         let x = x.expect("a layer with gathers");
-        let [_, tokens, channels] = g.g[x].shape[..] else {
+        let [_, tokens, channels] = g.node(x).shape[..] else {
             return Err(WindowError::Input {
                 layer: layer.clone(),
             });
