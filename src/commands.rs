@@ -57,6 +57,7 @@ pub fn video_edit(a: VideoEditArgs) -> Result<()> {
         guidance: a.common.guidance,
         weights: a.weights,
         window: Some(a.window.unwrap_or(DEFAULT_WINDOW)),
+        keep_latents_per_step: false,
     };
     let bar = indicatif::ProgressBar::new(a.common.steps as u64).with_style(
         indicatif::ProgressStyle::with_template("{msg:>6} {bar:40} {pos}/{len} steps")

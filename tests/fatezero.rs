@@ -95,6 +95,7 @@ fn options() -> rewire::video::EditOptions {
         guidance: 7.5,
         weights: rewire::exec::WeightDtype::F32,
         window: None,
+        keep_latents_per_step: true,
     }
 }
 
@@ -174,6 +175,26 @@ fn windows_edit_the_clip_as_one_batch_does() {
             "window {w}: inverted latents {inv:.2e}, edit latents {edit:.2e}, frames {frames:.2e}"
         );
         assert!(inv <= 1e-4 && edit <= 1e-4 && frames <= 1e-3, "window {w}");
+    }
+    // Without the per-step latents the host keeps only the final inverted latents: the same
+    // frames.
+    let lean = rewire::video::edit_latents(
+        &pipe,
+        &rewire::video::EditOptions {
+            window: Some(2),
+            keep_latents_per_step: false,
+            ..opts.clone()
+        },
+        Some(&src),
+        latents.clone(),
+        |_, _, _| {},
+    )
+    .unwrap();
+    assert!(lean.latents_per_step.is_empty());
+    assert_eq!(lean.inversion.latents_per_step.len(), 1);
+    assert!(max_diff(lean.inversion.latents(), whole.inversion.latents()) <= 1e-4);
+    for (a, b) in lean.frames.iter().zip(&whole.frames) {
+        assert!(max_diff(a, b) <= 1e-3);
     }
     // The last two frames as a clip of their own: not what the whole clip gives them.
     let per = 4 * 16 * 16;

@@ -34,6 +34,9 @@ pub struct EditOptions {
     /// carry the anchor and previous frame's K/V (see [`super::window`]): the same edit in the
     /// memory of one window.
     pub window: Option<usize>,
+    /// Keep every step's latents ([`Edited::latents_per_step`], the inversion's); else only
+    /// the final inverted latents, so that the host holds nothing that grows with the steps.
+    pub keep_latents_per_step: bool,
 }
 
 /// What an edit produced.
@@ -44,7 +47,8 @@ pub struct Edited {
     pub inversion: crate::invert::Inversion,
     /// Frames per window (the clip's length without windows).
     pub window: usize,
-    /// The edit's latents after each step, `[F, C, h, w]`.
+    /// The edit's latents after each step, `[F, C, h, w]` (empty unless
+    /// [`EditOptions::keep_latents_per_step`]).
     pub latents_per_step: Vec<HostTensor>,
     /// The edited frames `[H, W, 3]` in [0, 1].
     pub frames: Vec<HostTensor>,
@@ -343,8 +347,14 @@ fn run_windows(
         inversion.stored.absorb(std::mem::take(&mut edit_carry))?;
         let run = RunOptions {
             latents: Some(inversion.latents().clone()),
+            keep_latents_per_step: opts.keep_latents_per_step,
             ..job.run.clone()
         };
+        if !opts.keep_latents_per_step {
+            // Only the final inverted latents (what the edit starts from).
+            let last = inversion.latents_per_step.pop();
+            inversion.latents_per_step = last.into_iter().collect();
+        }
         let edit_label = label(EDIT_PASSES[1]);
         let mut out = pipe.run_reading(&run, job.edit.as_ref(), &inversion.stored, |i, n| {
             progress(&edit_label, i, n)
