@@ -168,18 +168,21 @@ pub fn invert_with(
         latents_0,
         compiled,
         &Stored::default(),
+        &mut KernelCache::default(),
         progress,
     )
 }
 
 /// As [`invert_with`], with named state an earlier run stored (`read`: a window's carried
-/// K/V) for the pass's `Stored(...)` inputs.
+/// K/V) for the pass's `Stored(...)` inputs, and kernels shared with the job's other runs
+/// (`kernels`: a clip's windows load the weights once).
 pub fn invert_reading(
     pipe: &Pipeline,
     opts: &InvertOptions,
     latents_0: HostTensor,
     compiled: Option<&crate::compile::Compiled>,
     read: &Stored,
+    kernels: &mut KernelCache,
     mut progress: impl FnMut(usize, usize),
 ) -> Result<Inversion, PipelineError> {
     let [n, c, lh, lw] = latents_dims(pipe, &latents_0)?;
@@ -223,9 +226,8 @@ pub fn invert_reading(
         weights: opts.weights,
         ..Default::default()
     };
-    let mut kernels = KernelCache::default();
     let mut lower = |g: &crate::graph::Graph| {
-        Plan::lower_shared(g, &pipe.unet.weights, &pipe.device, lo, &mut kernels)
+        Plan::lower_shared(g, &pipe.unet.weights, &pipe.device, lo, kernels)
     };
     // One plan per step segment of the recipe's pass (the plain UNet without one).
     let plans: Vec<(Option<(usize, usize)>, Plan)> = match compiled {

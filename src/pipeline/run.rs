@@ -50,6 +50,19 @@ impl Pipeline {
         opts: &RunOptions,
         compiled: Option<&Compiled>,
         read: &Stored,
+        progress: impl FnMut(usize, usize),
+    ) -> Result<RunOutput, PipelineError> {
+        self.run_with_kernels(opts, compiled, read, &mut KernelCache::default(), progress)
+    }
+
+    /// As [`Pipeline::run_reading`], with kernels (their weights on the device) shared with
+    /// earlier runs of the job: a clip's windows load the weights once.
+    pub fn run_with_kernels(
+        &self,
+        opts: &RunOptions,
+        compiled: Option<&Compiled>,
+        read: &Stored,
+        cache: &mut KernelCache,
         mut progress: impl FnMut(usize, usize),
     ) -> Result<RunOutput, PipelineError> {
         let spec = self.unet_spec(opts)?;
@@ -77,7 +90,6 @@ impl Pipeline {
                 return Err(PipelineError::Steps { compiled: n, run });
             }
         }
-        let mut cache = KernelCache::default();
         // The run's constants (the text states) for the hoisting prologues.
         let constants = cond.constants();
         // A graph's step plan and the values its prologue hoisted (computed here, once).
@@ -119,16 +131,16 @@ impl Pipeline {
         type Lowered = (Plan, State);
         type SegmentPlans = (Option<(usize, usize)>, Lowered, Option<Lowered>);
         let plans: Vec<SegmentPlans> = match compiled {
-            None => vec![(None, lower(&self.unet.graph(spec)?, &mut cache)?, None)],
+            None => vec![(None, lower(&self.unet.graph(spec)?, cache)?, None)],
             Some(c) => c
                 .segments
                 .iter()
                 .map(|s| {
                     let cached = match &s.cached {
-                        Some(g) => Some(lower(g, &mut cache)?),
+                        Some(g) => Some(lower(g, cache)?),
                         None => None,
                     };
-                    Ok((s.steps, lower(&s.graph, &mut cache)?, cached))
+                    Ok((s.steps, lower(&s.graph, cache)?, cached))
                 })
                 .collect::<Result<_, PipelineError>>()?,
         };

@@ -318,6 +318,8 @@ fn run_windows(
     );
     let many = w.ranges.len() > 1;
     let (mut inv_carry, mut edit_carry) = (Stored::default(), Stored::default());
+    // One set of kernels for every window and both passes: the weights load once.
+    let mut kernels = crate::exec::KernelCache::default();
     let mut all: Option<Edited> = None;
     for (k, r) in w.ranges.iter().enumerate() {
         let job = w.job(k);
@@ -340,6 +342,7 @@ fn run_windows(
             latents_0,
             job.inv.as_ref(),
             &inv_carry,
+            &mut kernels,
             |i, n| progress(&inv_label, i, n),
         )?;
         inv_carry = inversion.stored.take(&inv_name);
@@ -356,9 +359,13 @@ fn run_windows(
             inversion.latents_per_step = last.into_iter().collect();
         }
         let edit_label = label(EDIT_PASSES[1]);
-        let mut out = pipe.run_reading(&run, job.edit.as_ref(), &inversion.stored, |i, n| {
-            progress(&edit_label, i, n)
-        })?;
+        let mut out = pipe.run_with_kernels(
+            &run,
+            job.edit.as_ref(),
+            &inversion.stored,
+            &mut kernels,
+            |i, n| progress(&edit_label, i, n),
+        )?;
         drop(inversion.stored.take(&edit_name));
         edit_carry = out.stored.take(&edit_name);
         let this = Edited {

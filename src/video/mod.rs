@@ -86,6 +86,7 @@ pub fn generate(
     // Windows: each compiled for its frame count, with the first frame's K/V carried.
     let (mut progress, windows) = (progress, ranges.len());
     let mut carry = crate::compile::store::Stored::default();
+    let mut kernels = crate::exec::KernelCache::default();
     let mut frames = Vec::with_capacity(opts.frames);
     for (k, r) in ranges.iter().enumerate() {
         let run = RunOptions {
@@ -101,9 +102,10 @@ pub fn generate(
                 Some(window::carry(&c, src, None, r.len(), k > 0)?.unwrap_or(c))
             }
         };
-        let mut out = pipe.run_reading(&run, compiled.as_ref(), &carry, |i, n| {
-            progress(k * n + i, windows * n)
-        })?;
+        let mut out =
+            pipe.run_with_kernels(&run, compiled.as_ref(), &carry, &mut kernels, |i, n| {
+                progress(k * n + i, windows * n)
+            })?;
         carry = out.stored.take(&window::carry_name(None));
         frames.extend(out.images);
     }
