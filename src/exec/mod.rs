@@ -14,13 +14,16 @@ pub mod simd;
 pub mod tome;
 
 pub mod finite;
+pub mod liveness;
 pub mod options;
 
 pub use finite::{FiniteCheck, set_default_finite_check};
 pub use kernels::{AttentionImpl, Kernel, Value, attend};
+pub use liveness::activation_bytes;
 pub use options::{LowerOptions, WeightDtype};
 
 use finite::{block_of, default_finite_check, unreachable_finite, value_finite};
+use liveness::schedule;
 
 use crate::graph::{Graph, GraphError, Op};
 use crate::weights::{WeightError, WeightSource};
@@ -77,68 +80,6 @@ struct Step {
     last_use: Vec<bool>,
     /// Bytes of the value it makes (f32; 0 for an output, which passes its input on).
     bytes: usize,
-}
-
-/// The order a plan runs a graph's nodes in (only what an output needs: a reference pass stops
-/// at its last record), each node's slot, and the last step reading each slot.
-#[allow(clippy::type_complexity)]
-fn schedule(
-    graph: &Graph,
-) -> Result<
-    (
-        Vec<petgraph::stable_graph::NodeIndex>,
-        HashMap<petgraph::stable_graph::NodeIndex, usize>,
-        Vec<usize>,
-    ),
-    ExecError,
-> {
-    let mut live = std::collections::HashSet::new();
-    let mut stack: Vec<_> = graph.outputs().into_iter().map(|(_, n)| n).collect();
-    while let Some(n) = stack.pop() {
-        if live.insert(n) {
-            stack.extend(graph.inputs_of(n));
-        }
-    }
-    let order: Vec<_> = graph
-        .topo()?
-        .into_iter()
-        .filter(|n| live.contains(n))
-        .collect();
-    let slot: HashMap<_, _> = order.iter().enumerate().map(|(i, &n)| (n, i)).collect();
-    let mut last_reader = vec![usize::MAX; order.len()];
-    for (i, &n) in order.iter().enumerate() {
-        for src in graph.inputs_of(n) {
-            last_reader[slot[&src]] = i;
-        }
-    }
-    Ok((order, slot, last_reader))
-}
-
-/// The most bytes of values alive at once while a plan of `graph` runs ([`Plan::peak_bytes`]),
-/// without lowering it.
-pub fn activation_bytes(graph: &Graph) -> Result<usize, ExecError> {
-    let (order, slot, last_reader) = schedule(graph)?;
-    let bytes: Vec<usize> = order
-        .iter()
-        .map(|&n| match graph.node(n).op {
-            crate::graph::Op::Output { .. } => 0,
-            _ => graph.node(n).shape.iter().product::<usize>() * 4,
-        })
-        .collect();
-    let (mut live, mut peak) = (0usize, 0usize);
-    for (i, &n) in order.iter().enumerate() {
-        live += bytes[i];
-        peak = peak.max(live);
-        let mut seen = Vec::new();
-        for src in graph.inputs_of(n) {
-            let s = slot[&src];
-            if last_reader[s] == i && !seen.contains(&s) {
-                seen.push(s);
-                live = live.saturating_sub(bytes[s]);
-            }
-        }
-    }
-    Ok(peak)
 }
 
 /// Named device tensors kept between plan runs (a Cache's features, for one).
@@ -427,22 +368,6 @@ impl Plan {
             .iter()
             .map(|(name, s)| (name.clone(), slots[*s].take().expect("output computed")))
             .collect())
-    }
-
-    /// The most bytes of values alive at once while the plan runs (f32; weights and a kernel's
-    /// own scratch not counted): the activation memory a run needs, known before it allocates.
-    pub fn peak_bytes(&self) -> usize {
-        let (mut live, mut peak) = (0usize, 0usize);
-        for st in &self.steps {
-            live += st.bytes;
-            peak = peak.max(live);
-            for (&slot, &last) in st.inputs.iter().zip(&st.last_use) {
-                if last {
-                    live = live.saturating_sub(self.steps[slot].bytes);
-                }
-            }
-        }
-        peak
     }
 
     /// The plan's inputs: name and shape.

@@ -387,55 +387,12 @@ pub enum Op {
 impl Op {
     /// A short name for listings.
     pub fn name(&self) -> &'static str {
-        match self {
-            Op::Input { .. } => "input",
-            Op::TimestepProj { .. } => "timestep_proj",
-            Op::Linear { .. } => "linear",
-            Op::Conv2d { .. } => "conv2d",
-            Op::GroupNorm { .. } => "group_norm",
-            Op::LayerNorm { .. } => "layer_norm",
-            Op::Silu => "silu",
-            Op::Resnet { .. } => "resnet",
-            Op::ToTokens => "to_tokens",
-            Op::ToImage { .. } => "to_image",
-            Op::Attention(_) => "attention",
-            Op::FeedForward { .. } => "geglu_ff",
-            Op::Add { .. } => "add",
-            Op::Concat { .. } => "concat",
-            Op::Upsample { .. } => "upsample",
-            Op::Reshape { .. } => "reshape",
-            Op::Output { .. } => "output",
-            Op::ScaleKeys { .. } => "scale_keys",
-            Op::AugmentQ { .. } => "augment_q",
-            Op::AugmentK { .. } => "augment_k",
-            Op::AttnProbs { .. } => "attn_probs",
-            Op::ProbsReweight { .. } => "probs_reweight",
-            Op::ProbsReplace { .. } => "probs_replace",
-            Op::ProbsStore { .. } => "probs_store",
-            Op::ProbsSet { .. } => "probs_set",
-            Op::AttnMix { .. } => "attn_mix",
-            Op::KvGather { .. } => "kv_gather",
-            Op::TomeMatch { .. } => "tome_match",
-            Op::TomeMerge => "tome_merge",
-            Op::TomeUnmerge => "tome_unmerge",
-        }
+        crate::ops::family(self).name(self)
     }
 
     /// Number of inputs the op takes.
     pub fn arity(&self) -> usize {
-        match self {
-            Op::Input { .. } => 0,
-            Op::Resnet { .. }
-            | Op::Add { .. }
-            | Op::Concat { .. }
-            | Op::AttnProbs { .. }
-            | Op::ProbsSet { .. }
-            | Op::TomeMerge
-            | Op::TomeUnmerge => 2,
-            Op::Attention(_) => 3,
-            Op::AttnMix { .. } => 4,
-            _ => 1,
-        }
+        crate::ops::family(self).arity(self)
     }
 
     /// The weights the op reads, relative to its path, with their expected shapes: the one

@@ -51,6 +51,28 @@ pub enum AttentionKernel {
 }
 
 impl Family for Attention {
+    fn name(&self, op: &Op) -> &'static str {
+        match op {
+            Op::Attention(_) => "attention",
+            Op::ScaleKeys { .. } => "scale_keys",
+            Op::AugmentQ { .. } => "augment_q",
+            Op::AugmentK { .. } => "augment_k",
+            Op::KvGather { .. } => "kv_gather",
+            op => unreachable!("{op:?} is not an attention op"),
+        }
+    }
+
+    fn arity(&self, op: &Op) -> usize {
+        match op {
+            Op::ScaleKeys { .. }
+            | Op::AugmentQ { .. }
+            | Op::AugmentK { .. }
+            | Op::KvGather { .. } => 1,
+            Op::Attention(_) => 3,
+            op => unreachable!("{} is not an attention op", op.name()),
+        }
+    }
+
     fn check_params(&self, op: &Op) -> Result<(), String> {
         match op {
             Op::Attention(a) => {

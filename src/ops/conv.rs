@@ -36,6 +36,22 @@ pub enum ConvKernel {
 }
 
 impl Family for Conv {
+    fn name(&self, op: &Op) -> &'static str {
+        match op {
+            Op::Conv2d { .. } => "conv2d",
+            Op::Resnet { .. } => "resnet",
+            op => unreachable!("{op:?} is not a convolution op"),
+        }
+    }
+
+    fn arity(&self, op: &Op) -> usize {
+        match op {
+            Op::Conv2d { .. } => 1,
+            Op::Resnet { .. } => 2,
+            op => unreachable!("{} is not a convolution op", op.name()),
+        }
+    }
+
     fn check_params(&self, op: &Op) -> Result<(), String> {
         match op {
             Op::Conv2d {

@@ -21,6 +21,20 @@ pub struct EmbedKernel {
 }
 
 impl Family for Embed {
+    fn name(&self, op: &Op) -> &'static str {
+        match op {
+            Op::TimestepProj { .. } => "timestep_proj",
+            op => unreachable!("{op:?} is not an embedding op"),
+        }
+    }
+
+    fn arity(&self, op: &Op) -> usize {
+        match op {
+            Op::TimestepProj { .. } => 1,
+            op => unreachable!("{} is not an embedding op", op.name()),
+        }
+    }
+
     fn check_params(&self, op: &Op) -> Result<(), String> {
         let Op::TimestepProj {
             dim, shift, batch, ..

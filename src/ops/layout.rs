@@ -27,6 +27,33 @@ pub enum LayoutKernel {
 }
 
 impl Family for Layout {
+    fn name(&self, op: &Op) -> &'static str {
+        match op {
+            Op::Input { .. } => "input",
+            Op::Output { .. } => "output",
+            Op::ToTokens => "to_tokens",
+            Op::ToImage { .. } => "to_image",
+            Op::Add { .. } => "add",
+            Op::Concat { .. } => "concat",
+            Op::Upsample { .. } => "upsample",
+            Op::Reshape { .. } => "reshape",
+            op => unreachable!("{op:?} is not a layout op"),
+        }
+    }
+
+    fn arity(&self, op: &Op) -> usize {
+        match op {
+            Op::Input { .. } => 0,
+            Op::Output { .. }
+            | Op::ToTokens
+            | Op::ToImage { .. }
+            | Op::Upsample { .. }
+            | Op::Reshape { .. } => 1,
+            Op::Add { .. } | Op::Concat { .. } => 2,
+            op => unreachable!("{} is not a layout op", op.name()),
+        }
+    }
+
     fn check_params(&self, op: &Op) -> Result<(), String> {
         match op {
             Op::Add { scale } => want(scale.is_finite(), format!("scale = {scale} is not finite")),

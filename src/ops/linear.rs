@@ -36,6 +36,21 @@ pub enum LinearKernel {
 }
 
 impl Family for Linear {
+    fn name(&self, op: &Op) -> &'static str {
+        match op {
+            Op::Linear { .. } => "linear",
+            Op::FeedForward { .. } => "geglu_ff",
+            op => unreachable!("{op:?} is not a linear op"),
+        }
+    }
+
+    fn arity(&self, op: &Op) -> usize {
+        match op {
+            Op::Linear { .. } | Op::FeedForward { .. } => 1,
+            op => unreachable!("{} is not a linear op", op.name()),
+        }
+    }
+
     fn check_params(&self, op: &Op) -> Result<(), String> {
         match op {
             Op::Linear {

@@ -1,10 +1,11 @@
 //! Op families, one module each. A family holds, for its ops, everything that is specific to
-//! them: the parameter checks and shape rule ([`Family::check_params`], [`Family::infer`]), the
-//! weight list (names relative to the op's path, with shapes; the one list both the loader's
-//! check, [`crate::graph::Graph::check`], and the lowering read), the FLOPs estimate, and the
-//! lowering to a kernel plus that kernel's run. [`crate::graph::Op`]'s methods and
-//! [`crate::exec::Kernel`]'s `lower`/`run` only dispatch here, so a new op touches one module
-//! here (and the `Op` enum).
+//! them: the name and arity ([`Family::name`], [`Family::arity`]), the parameter checks and
+//! shape rule ([`Family::check_params`], [`Family::infer`]), the weight list (names relative to
+//! the op's path, with shapes; the one list both the loader's check,
+//! [`crate::graph::Graph::check`], and the lowering read), the FLOPs estimate, and the lowering
+//! to a kernel plus that kernel's run. [`crate::graph::Op`]'s methods and
+//! [`crate::exec::Kernel`]'s `lower`/`run` only dispatch here, so a new op touches three places:
+//! its `Op` variant, its line in [`family`], and its family module here.
 //!
 //! Families: [`layout`] (inputs, outputs, reshapes, adds, concatenation, upsampling),
 //! [`embed`] (the timestep projection), [`linear`] (linear, GEGLU feed-forward), [`conv`]
@@ -31,6 +32,12 @@ use burn::tensor::Device;
 /// What one op family knows about its ops. Each method is called only with ops of the family
 /// (see [`family`]).
 pub trait Family: Sync {
+    /// The op's name, as error messages, plan files, `explain` and `rewire graph` spell it.
+    fn name(&self, op: &Op) -> &'static str;
+
+    /// The number of inputs the op takes.
+    fn arity(&self, op: &Op) -> usize;
+
     /// Checks the op's own fields (no shapes involved): what a forged plan could carry that
     /// would divide by zero, loop forever or allocate without bound.
     fn check_params(&self, _op: &Op) -> Result<(), String> {

@@ -35,6 +35,22 @@ pub enum NormKernel {
 }
 
 impl Family for Norm {
+    fn name(&self, op: &Op) -> &'static str {
+        match op {
+            Op::GroupNorm { .. } => "group_norm",
+            Op::LayerNorm { .. } => "layer_norm",
+            Op::Silu => "silu",
+            op => unreachable!("{op:?} is not a norm op"),
+        }
+    }
+
+    fn arity(&self, op: &Op) -> usize {
+        match op {
+            Op::GroupNorm { .. } | Op::LayerNorm { .. } | Op::Silu => 1,
+            op => unreachable!("{} is not a norm op", op.name()),
+        }
+    }
+
     fn check_params(&self, op: &Op) -> Result<(), String> {
         match op {
             Op::GroupNorm {

@@ -49,6 +49,27 @@ pub enum ProbsKernel {
 }
 
 impl Family for Probs {
+    fn name(&self, op: &Op) -> &'static str {
+        match op {
+            Op::AttnProbs { .. } => "attn_probs",
+            Op::ProbsReweight { .. } => "probs_reweight",
+            Op::ProbsReplace { .. } => "probs_replace",
+            Op::ProbsStore { .. } => "probs_store",
+            Op::ProbsSet { .. } => "probs_set",
+            Op::AttnMix { .. } => "attn_mix",
+            op => unreachable!("{op:?} is not a probabilities op"),
+        }
+    }
+
+    fn arity(&self, op: &Op) -> usize {
+        match op {
+            Op::ProbsReweight { .. } | Op::ProbsReplace { .. } | Op::ProbsStore { .. } => 1,
+            Op::AttnProbs { .. } | Op::ProbsSet { .. } => 2,
+            Op::AttnMix { .. } => 4,
+            op => unreachable!("{} is not a probabilities op", op.name()),
+        }
+    }
+
     fn check_params(&self, op: &Op) -> Result<(), String> {
         match op {
             Op::AttnProbs { heads, .. } | Op::AttnMix { heads, .. } => {

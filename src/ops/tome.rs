@@ -33,6 +33,23 @@ pub fn tome_merged(n: usize, grid: (usize, usize), sx: usize, sy: usize, r: usiz
 }
 
 impl Family for Tome {
+    fn name(&self, op: &Op) -> &'static str {
+        match op {
+            Op::TomeMatch { .. } => "tome_match",
+            Op::TomeMerge => "tome_merge",
+            Op::TomeUnmerge => "tome_unmerge",
+            op => unreachable!("{op:?} is not a token-merging op"),
+        }
+    }
+
+    fn arity(&self, op: &Op) -> usize {
+        match op {
+            Op::TomeMatch { .. } => 1,
+            Op::TomeMerge | Op::TomeUnmerge => 2,
+            op => unreachable!("{} is not a token-merging op", op.name()),
+        }
+    }
+
     fn infer(&self, op: &Op, inputs: &[&[usize]]) -> Result<Shape, String> {
         match op {
             Op::TomeMatch {
