@@ -99,6 +99,25 @@ fn options() -> rewire::video::EditOptions {
     }
 }
 
+/// The largest difference between a written PNG frame and the frame `[H, W, 3]` in [0, 1].
+fn png_error(path: &std::path::Path, want: &HostTensor) -> f32 {
+    let got = image::open(path).unwrap().to_rgb8();
+    got.as_raw()
+        .iter()
+        .zip(&want.data)
+        .map(|(&a, &b)| (a as f32 / 255.0 - b).abs())
+        .fold(0f32, f32::max)
+}
+
+/// The largest [`max_diff`] over two lists of one length.
+fn max_diff_all(a: &[HostTensor], b: &[HostTensor]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| max_diff(x, y))
+        .fold(0f32, f32::max)
+}
+
 fn max_diff(a: &HostTensor, b: &HostTensor) -> f32 {
     assert_eq!(a.shape, b.shape);
     a.data
@@ -152,25 +171,12 @@ fn windows_edit_the_clip_as_one_batch_does() {
             ]
         );
         assert_eq!(got.frames.len(), 4);
-        let inv = whole
-            .inversion
-            .latents_per_step
-            .iter()
-            .zip(&got.inversion.latents_per_step)
-            .map(|(a, b)| max_diff(a, b))
-            .fold(0f32, f32::max);
-        let edit = whole
-            .latents_per_step
-            .iter()
-            .zip(&got.latents_per_step)
-            .map(|(a, b)| max_diff(a, b))
-            .fold(0f32, f32::max);
-        let frames = whole
-            .frames
-            .iter()
-            .zip(&got.frames)
-            .map(|(a, b)| max_diff(a, b))
-            .fold(0f32, f32::max);
+        let inv = max_diff_all(
+            &whole.inversion.latents_per_step,
+            &got.inversion.latents_per_step,
+        );
+        let edit = max_diff_all(&whole.latents_per_step, &got.latents_per_step);
+        let frames = max_diff_all(&whole.frames, &got.frames);
         println!(
             "window {w}: inverted latents {inv:.2e}, edit latents {edit:.2e}, frames {frames:.2e}"
         );
@@ -521,15 +527,7 @@ fn video_edit_cli() {
         .unwrap()
         .frames;
     for (i, w) in want.iter().enumerate() {
-        let got = image::open(dir.path().join(format!("edit_{i:03}.png")))
-            .unwrap()
-            .to_rgb8();
-        let e = got
-            .as_raw()
-            .iter()
-            .zip(&w.data)
-            .map(|(&a, &b)| (a as f32 / 255.0 - b).abs())
-            .fold(0f32, f32::max);
+        let e = png_error(&dir.path().join(format!("edit_{i:03}.png")), w);
         assert!(e <= 0.5 / 255.0 + 1e-6, "frame {i} differs by {e}");
     }
     // In windows of 3 (the K/V of the first and previous frame carried): the same clip, up to
@@ -551,15 +549,7 @@ fn video_edit_cli() {
     ]);
     assert!(ok && err.contains("windows of 3"), "{err}");
     for (i, w) in want.iter().enumerate() {
-        let got = image::open(dir.path().join(format!("w3_{i:03}.png")))
-            .unwrap()
-            .to_rgb8();
-        let e = got
-            .as_raw()
-            .iter()
-            .zip(&w.data)
-            .map(|(&a, &b)| (a as f32 / 255.0 - b).abs())
-            .fold(0f32, f32::max);
+        let e = png_error(&dir.path().join(format!("w3_{i:03}.png")), w);
         assert!(e <= 1.5 / 255.0, "frame {i} differs by {e}");
     }
 
