@@ -207,24 +207,23 @@ impl Graph {
 
     /// The inputs of a node, in port order.
     pub fn inputs_of(&self, n: NodeIndex) -> Vec<NodeIndex> {
-        let mut e: Vec<(usize, NodeIndex)> = self
-            .g
-            .edges_directed(n, Direction::Incoming)
-            .map(|e| (e.weight().port, e.source()))
-            .collect();
-        e.sort();
-        e.into_iter().map(|(_, s)| s).collect()
+        self.incoming(n).into_iter().map(|(_, s)| s).collect()
     }
 
     /// The incoming edges of a node, in port order.
     pub fn input_edges(&self, n: NodeIndex) -> Vec<EdgeIndex> {
-        let mut e: Vec<(usize, EdgeIndex)> = self
+        self.incoming(n).into_iter().map(|(e, _)| e).collect()
+    }
+
+    /// The incoming edges of a node and their sources, in port order.
+    fn incoming(&self, n: NodeIndex) -> Vec<(EdgeIndex, NodeIndex)> {
+        let mut e: Vec<(usize, EdgeIndex, NodeIndex)> = self
             .g
             .edges_directed(n, Direction::Incoming)
-            .map(|e| (e.weight().port, e.id()))
+            .map(|e| (e.weight().port, e.id(), e.source()))
             .collect();
         e.sort();
-        e.into_iter().map(|(_, s)| s).collect()
+        e.into_iter().map(|(_, id, s)| (id, s)).collect()
     }
 
     /// Nodes in a deterministic topological order (ties broken by insertion order).

@@ -52,15 +52,10 @@ pub struct UNet {
 impl UNet {
     /// Opens a pipeline folder (reads its `unet/`) or a UNet folder.
     pub fn open(path: &Path) -> Result<Self, ModelError> {
-        let dir = if path.join("unet").join("config.json").is_file() {
-            path.join("unet")
-        } else if path.join("config.json").is_file() {
-            path.to_path_buf()
-        } else {
-            return Err(ModelError::NotFound {
+        let dir =
+            crate::weights::component_dir(path, "unet").ok_or_else(|| ModelError::NotFound {
                 path: path.to_path_buf(),
-            });
-        };
+            })?;
         let cfg_path = dir.join("config.json");
         let config = UNetConfig::from_file(&cfg_path)?;
         let resolved = config.resolve(&cfg_path)?;

@@ -93,15 +93,9 @@ impl Vae {
     /// Opens a pipeline folder (reads its `vae/`) or a VAE folder, loading the weights onto
     /// `device`.
     pub fn open(path: &Path, device: &Device) -> Result<Self, VaeError> {
-        let dir = if path.join("vae").join("config.json").is_file() {
-            path.join("vae")
-        } else if path.join("config.json").is_file() {
-            path.to_path_buf()
-        } else {
-            return Err(VaeError::NotFound {
-                path: path.to_path_buf(),
-            });
-        };
+        let dir = crate::weights::component_dir(path, "vae").ok_or_else(|| VaeError::NotFound {
+            path: path.to_path_buf(),
+        })?;
         let cfg_path = dir.join("config.json");
         let config = VaeConfig::from_file(&cfg_path)?;
         config.validate(&cfg_path)?;

@@ -12,7 +12,19 @@ pub use files::TensorFiles;
 pub use source::{RandomWeights, WeightSource};
 pub use write::{Staged, check_output, encode_f32, write_as, write_atomic, write_error, write_f32};
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+
+/// The folder of one pipeline component: `path/<name>/` when `path` is a pipeline folder, else
+/// `path` itself when it holds a `config.json` (a component folder); `None` when neither.
+pub fn component_dir(path: &Path, name: &str) -> Option<PathBuf> {
+    if path.join(name).join("config.json").is_file() {
+        Some(path.join(name))
+    } else if path.join("config.json").is_file() {
+        Some(path.to_path_buf())
+    } else {
+        None
+    }
+}
 
 /// Errors raised while reading or writing tensors.
 #[derive(Debug, thiserror::Error)]

@@ -125,15 +125,11 @@ impl TextEncoder {
     /// Opens a pipeline folder (reads its `text_encoder/`) or a text encoder folder, and loads
     /// the weights onto `device`.
     pub fn open(path: &Path, device: &Device) -> Result<Self, TextEncoderError> {
-        let dir = if path.join("text_encoder").join("config.json").is_file() {
-            path.join("text_encoder")
-        } else if path.join("config.json").is_file() {
-            path.to_path_buf()
-        } else {
-            return Err(TextEncoderError::NotFound {
+        let dir = crate::weights::component_dir(path, "text_encoder").ok_or_else(|| {
+            TextEncoderError::NotFound {
                 path: path.to_path_buf(),
-            });
-        };
+            }
+        })?;
         let cfg_path = dir.join("config.json");
         let config = TextEncoderConfig::from_file(&cfg_path)?;
         let act = config.validate(&cfg_path)?;
